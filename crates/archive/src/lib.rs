@@ -1,0 +1,1 @@
+//! vzkit crate.

@@ -1,0 +1,1 @@
+//! CLI front ends.
