@@ -3,4 +3,7 @@
 //!
 //! Nothing here knows what a container or a storage is; higher layers build on these pieces.
 
+pub mod command;
+pub mod lock;
+pub mod paths;
 pub mod size;
