@@ -1,1 +1,5 @@
-//! CLI front ends.
+//! The `vzdump`, `pct` and `pvesm` front ends: parse arguments, call the library, print.
+//! No logic lives here beyond formatting.
+
+pub mod args;
+pub mod output;

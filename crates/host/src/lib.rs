@@ -5,5 +5,6 @@
 
 pub mod command;
 pub mod lock;
+pub mod mount;
 pub mod paths;
 pub mod size;
