@@ -2,4 +2,7 @@
 //! No logic lives here beyond formatting.
 
 pub mod args;
+pub mod common;
 pub mod output;
+pub mod pct;
+pub mod pvesm;

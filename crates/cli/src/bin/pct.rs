@@ -1,1 +1,5 @@
-fn main() {}
+//! `pct`: container management.
+
+fn main() -> std::process::ExitCode {
+    vzkit_cli::pct::main()
+}

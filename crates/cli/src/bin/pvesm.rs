@@ -1,1 +1,5 @@
-fn main() {}
+//! `pvesm`: storage management (status, list, alloc, free, path, prune-backups, extractconfig).
+
+fn main() -> std::process::ExitCode {
+    vzkit_cli::pvesm::main()
+}

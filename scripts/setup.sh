@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what vzkit's build, demo and tests need on a fresh Debian machine (as root).
+# Idempotent: packages already present are not fetched again.
+set -euo pipefail
+
+packages=(
+    acl attr e2fsprogs util-linux mount tar zstd gzip lzop pigz
+    qemu-utils coreutils findutils
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "setup: cargo (Rust toolchain) is required" >&2; exit 1; }
