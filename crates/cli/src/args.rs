@@ -74,22 +74,37 @@ mod tests {
 
     #[test]
     fn single_dash_long_options_become_double_dash() {
-        assert_eq!(normalize(v("pvesm list -content backup"), &[]), v("pvesm list --content backup"));
+        assert_eq!(
+            normalize(v("pvesm list -content backup"), &[]),
+            v("pvesm list --content backup")
+        );
         assert_eq!(normalize(v("pct set 100 -x 1"), &[]), v("pct set 100 -x 1"));
     }
 
     #[test]
     fn bare_booleans_get_an_explicit_one() {
         let b = &["force", "dry-run"];
-        assert_eq!(normalize(v("pct restore --force 101 a.tar"), b), v("pct restore --force 1 101 a.tar"));
-        assert_eq!(normalize(v("pct restore -force 0 101"), b), v("pct restore --force 0 101"));
-        assert_eq!(normalize(v("pvesm prune --dry-run"), b), v("pvesm prune --dry-run 1"));
+        assert_eq!(
+            normalize(v("pct restore --force 101 a.tar"), b),
+            v("pct restore --force 1 101 a.tar")
+        );
+        assert_eq!(
+            normalize(v("pct restore -force 0 101"), b),
+            v("pct restore --force 0 101")
+        );
+        assert_eq!(
+            normalize(v("pvesm prune --dry-run"), b),
+            v("pvesm prune --dry-run 1")
+        );
         assert_eq!(normalize(v("x --force yes"), b), v("x --force yes"));
     }
 
     #[test]
     fn arguments_after_double_dash_are_untouched() {
-        assert_eq!(normalize(v("pct exec 100 -- -force"), &["force"]), v("pct exec 100 -- -force"));
+        assert_eq!(
+            normalize(v("pct exec 100 -- -force"), &["force"]),
+            v("pct exec 100 -- -force")
+        );
     }
 
     #[test]

@@ -69,7 +69,10 @@ mod tests {
         let t = table(
             &["Volid", "Size"],
             &[false, true],
-            &[vec!["local:a".into(), "5".into()], vec!["l:b".into(), "1234".into()]],
+            &[
+                vec!["local:a".into(), "5".into()],
+                vec!["l:b".into(), "1234".into()],
+            ],
         );
         assert_eq!(t, "Volid   Size\nlocal:a    5\nl:b     1234\n");
     }

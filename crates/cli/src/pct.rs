@@ -77,11 +77,19 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     let storages = common::storages()?;
     let cts = Containers::new(&storages);
     match cmd {
-        Cmd::Config { vmid, current: _, snapshot, output_format } => {
+        Cmd::Config {
+            vmid,
+            current: _,
+            snapshot,
+            output_format,
+        } => {
             let conf = cts.store().load(vmid)?;
             let conf = match snapshot {
                 Some(name) => match conf.snapshots.get(&name) {
-                    Some(s) => vzkit_runtime::conf::CtConfig { main: s.clone(), ..Default::default() },
+                    Some(s) => vzkit_runtime::conf::CtConfig {
+                        main: s.clone(),
+                        ..Default::default()
+                    },
                     None => bail!("snapshot '{name}' does not exist"),
                 },
                 None => conf,
@@ -98,8 +106,12 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 map.insert(k.clone(), v.clone().into());
             }
             if !conf.main.lxc.is_empty() {
-                let lxc: Vec<[String; 2]> =
-                    conf.main.lxc.iter().map(|(k, v)| [k.clone(), v.clone()]).collect();
+                let lxc: Vec<[String; 2]> = conf
+                    .main
+                    .lxc
+                    .iter()
+                    .map(|(k, v)| [k.clone(), v.clone()])
+                    .collect();
                 map.insert("lxc".into(), serde_json::to_value(lxc)?);
             }
             if !conf.digest.is_empty() {
@@ -137,16 +149,31 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let rows: Vec<Row> = cts
                 .list()?
                 .into_iter()
-                .map(|(vmid, status, lock, name)| Row { vmid, status, lock, name })
+                .map(|(vmid, status, lock, name)| Row {
+                    vmid,
+                    status,
+                    lock,
+                    name,
+                })
                 .collect();
             if output_format != OutputFormat::Text {
                 return print_json(&rows, output_format);
             }
             let body: Vec<Vec<String>> = rows
                 .iter()
-                .map(|r| vec![r.vmid.to_string(), r.status.clone(), r.lock.clone(), r.name.clone()])
+                .map(|r| {
+                    vec![
+                        r.vmid.to_string(),
+                        r.status.clone(),
+                        r.lock.clone(),
+                        r.name.clone(),
+                    ]
+                })
                 .collect();
-            print!("{}", table(&["VMID", "Status", "Lock", "Name"], &[false; 4], &body));
+            print!(
+                "{}",
+                table(&["VMID", "Status", "Lock", "Name"], &[false; 4], &body)
+            );
             Ok(())
         }
     }
@@ -154,7 +181,10 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
 
 /// Splits `--key value` pairs; `--delete a,b` lists keys to remove. A key not followed by a
 /// value means `1` (PVE booleans).
-fn parse_set_options(args: &[String]) -> anyhow::Result<(Vec<(String, String)>, Vec<String>)> {
+/// `pct set` options: (key, value) changes and keys to delete.
+type SetOptions = (Vec<(String, String)>, Vec<String>);
+
+fn parse_set_options(args: &[String]) -> anyhow::Result<SetOptions> {
     let mut changes = Vec::new();
     let mut delete = Vec::new();
     let mut i = 0;
@@ -202,7 +232,10 @@ mod tests {
 
     #[test]
     fn set_options_are_split_into_changes_and_deletes() {
-        let (c, d) = parse_set_options(&v("--hostname ct1 --onboot --mp0 local:1,mp=/a --delete mp1,mp2")).unwrap();
+        let (c, d) = parse_set_options(&v(
+            "--hostname ct1 --onboot --mp0 local:1,mp=/a --delete mp1,mp2",
+        ))
+        .unwrap();
         assert_eq!(
             c,
             vec![

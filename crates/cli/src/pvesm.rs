@@ -110,15 +110,25 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Status { storage, content, enabled, output_format } => {
-            status(storage, content, enabled.unwrap_or(false), output_format).await
-        }
-        Cmd::List { storage, content, vmid, output_format } => {
-            list(&storage, content, vmid, output_format).await
-        }
-        Cmd::Alloc { storage, vmid, filename, size, format } => {
-            alloc(&storage, vmid, &filename, &size, format).await
-        }
+        Cmd::Status {
+            storage,
+            content,
+            enabled,
+            output_format,
+        } => status(storage, content, enabled.unwrap_or(false), output_format).await,
+        Cmd::List {
+            storage,
+            content,
+            vmid,
+            output_format,
+        } => list(&storage, content, vmid, output_format).await,
+        Cmd::Alloc {
+            storage,
+            vmid,
+            filename,
+            size,
+            format,
+        } => alloc(&storage, vmid, &filename, &size, format).await,
         Cmd::Free { volume, storage } => free(&volume, storage).await,
         Cmd::Path { volume } => {
             let st = common::storages()?;
@@ -148,14 +158,22 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 keep_monthly,
                 keep_yearly,
             };
-            prune(&storage, cli_keep, vmid, guest_type, dry_run.unwrap_or(false), output_format)
-                .await
+            prune(
+                &storage,
+                cli_keep,
+                vmid,
+                guest_type,
+                dry_run.unwrap_or(false),
+                output_format,
+            )
+            .await
         }
     }
 }
 
 fn parse_content(text: &str) -> anyhow::Result<ContentType> {
-    text.parse::<ContentType>().map_err(|e| anyhow::anyhow!("content: {e}"))
+    text.parse::<ContentType>()
+        .map_err(|e| anyhow::anyhow!("content: {e}"))
 }
 
 #[derive(Debug, Serialize)]
@@ -202,7 +220,15 @@ async fn status(
                 if enabled {
                     eprintln!("storage '{}' is not online: {e}", section.id());
                 }
-                (false, vzkit_storage::plugin::StorageStatus { total: 0, avail: 0, used: 0, active: false })
+                (
+                    false,
+                    vzkit_storage::plugin::StorageStatus {
+                        total: 0,
+                        avail: 0,
+                        used: 0,
+                        active: false,
+                    },
+                )
             }
         };
         let content: Vec<&str> = section.content().iter().map(|c| c.as_str()).collect();
@@ -216,7 +242,11 @@ async fn status(
             total: s.total,
             used: s.used,
             avail: s.avail,
-            used_fraction: if s.total > 0 { s.used as f64 / s.total as f64 } else { 0.0 },
+            used_fraction: if s.total > 0 {
+                s.used as f64 / s.total as f64
+            } else {
+                0.0
+            },
         });
     }
     if fmt != OutputFormat::Text {
@@ -278,7 +308,11 @@ async fn list(
         .collect();
     print!(
         "{}",
-        table(&["Volid", "Format", "Type", "Size", "VMID"], &[false, false, false, true, false], &body)
+        table(
+            &["Volid", "Format", "Type", "Size", "VMID"],
+            &[false, false, false, true, false],
+            &body
+        )
     );
     Ok(())
 }
@@ -323,7 +357,9 @@ async fn alloc(
             None => "raw".to_string(),
         },
     };
-    let volid = st.vdisk_alloc(storage, vmid, &format, name, size_kib).await?;
+    let volid = st
+        .vdisk_alloc(storage, vmid, &format, name, size_kib)
+        .await?;
     println!("successfully created '{volid}'");
     Ok(())
 }
@@ -400,7 +436,10 @@ async fn prune(
     let body: Vec<Vec<String>> = marked
         .iter()
         .map(|e| {
-            let mark = e.mark.map(|m| format!("{m:?}").to_lowercase()).unwrap_or_default();
+            let mark = e
+                .mark
+                .map(|m| format!("{m:?}").to_lowercase())
+                .unwrap_or_default();
             vec![
                 e.volid.clone(),
                 e.vmid.map(|v| v.to_string()).unwrap_or_default(),
@@ -411,14 +450,22 @@ async fn prune(
         .collect();
     print!(
         "{}",
-        table(&["Backup", "Backup-ID", "Creation Time", "Mark"], &[false, false, false, false], &body)
+        table(
+            &["Backup", "Backup-ID", "Creation Time", "Mark"],
+            &[false, false, false, false],
+            &body
+        )
     );
     Ok(())
 }
 
 fn format_ctime(ctime: i64) -> String {
     jiff::Timestamp::from_second(ctime)
-        .map(|t| t.to_zoned_datetime(jiff::tz::TimeZone::system()).strftime("%Y-%m-%d %H:%M:%S").to_string())
+        .map(|t| {
+            t.to_zoned_datetime(jiff::tz::TimeZone::system())
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
         .unwrap_or_else(|_| ctime.to_string())
 }
 

@@ -54,7 +54,8 @@ impl Cmd {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
 
@@ -75,7 +76,8 @@ impl Cmd {
     /// Sets an environment variable for the command.
     #[must_use]
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
-        self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
         self
     }
 
@@ -142,13 +144,21 @@ impl Output {
     /// A successful output with `stdout`.
     #[must_use]
     pub fn ok(stdout: impl Into<Vec<u8>>) -> Self {
-        Self { exit: Exit::Code(0), stdout: stdout.into(), stderr: Vec::new() }
+        Self {
+            exit: Exit::Code(0),
+            stdout: stdout.into(),
+            stderr: Vec::new(),
+        }
     }
 
     /// A failed output with exit `code` and `stderr`.
     #[must_use]
     pub fn failed(code: i32, stderr: impl Into<Vec<u8>>) -> Self {
-        Self { exit: Exit::Code(code), stdout: Vec::new(), stderr: stderr.into() }
+        Self {
+            exit: Exit::Code(code),
+            stdout: Vec::new(),
+            stderr: stderr.into(),
+        }
     }
 
     /// Whether the command exited with code 0.
@@ -203,7 +213,11 @@ pub enum CommandError {
 }
 
 fn stderr_suffix(stderr: &str) -> String {
-    if stderr.is_empty() { String::new() } else { format!(": {stderr}") }
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(": {stderr}")
+    }
 }
 
 impl CommandError {
@@ -235,7 +249,11 @@ pub trait Runner: Send + Sync + fmt::Debug {
         if out.success() {
             Ok(out)
         } else {
-            Err(CommandError::Failed { cmd: cmd.to_string(), exit: out.exit, stderr: out.stderr_str() })
+            Err(CommandError::Failed {
+                cmd: cmd.to_string(),
+                exit: out.exit,
+                stderr: out.stderr_str(),
+            })
         }
     }
 
@@ -259,16 +277,21 @@ impl Runner for SystemRunner {
         command
             .args(&cmd.args)
             .env("LC_ALL", "C")
-            .stdin(if cmd.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if cmd.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         for (k, v) in &cmd.env {
             command.env(k, v);
         }
-        let mut child = command
-            .spawn()
-            .map_err(|source| CommandError::Spawn { cmd: cmd.to_string(), source })?;
+        let mut child = command.spawn().map_err(|source| CommandError::Spawn {
+            cmd: cmd.to_string(),
+            source,
+        })?;
         if let (Some(data), Some(mut stdin)) = (cmd.stdin.clone(), child.stdin.take()) {
             tokio::spawn(async move {
                 // A child that exits without reading all input is not an error here; its exit
@@ -282,19 +305,29 @@ impl Runner for SystemRunner {
                 Ok(r) => r,
                 // Dropping the future drops the child, which kills it (kill_on_drop).
                 Err(_) => {
-                    return Err(CommandError::Timeout { cmd: cmd.to_string(), secs: t.as_secs() });
+                    return Err(CommandError::Timeout {
+                        cmd: cmd.to_string(),
+                        secs: t.as_secs(),
+                    });
                 }
             },
             None => wait.await,
         }
-        .map_err(|source| CommandError::Spawn { cmd: cmd.to_string(), source })?;
+        .map_err(|source| CommandError::Spawn {
+            cmd: cmd.to_string(),
+            source,
+        })?;
         use std::os::unix::process::ExitStatusExt;
         let exit = match (out.status.code(), out.status.signal()) {
             (Some(c), _) => Exit::Code(c),
             (None, Some(s)) => Exit::Signal(s),
             (None, None) => Exit::Code(-1),
         };
-        Ok(Output { exit, stdout: out.stdout, stderr: out.stderr })
+        Ok(Output {
+            exit,
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
     }
 }
 
@@ -339,7 +372,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Runner for RecordingRunner {
     async fn output(&self, cmd: &Cmd) -> Result<Output, CommandError> {
         lock(&self.calls).push(cmd.argv());
-        Ok(lock(&self.replies).pop_front().unwrap_or_else(|| Output::ok(Vec::new())))
+        Ok(lock(&self.replies)
+            .pop_front()
+            .unwrap_or_else(|| Output::ok(Vec::new())))
     }
 }
 
@@ -349,7 +384,10 @@ mod tests {
 
     #[tokio::test]
     async fn runs_real_commands_with_lc_all_c() {
-        let out = SystemRunner.run(&Cmd::new("sh").args(["-c", "echo $LC_ALL"])).await.unwrap();
+        let out = SystemRunner
+            .run(&Cmd::new("sh").args(["-c", "echo $LC_ALL"]))
+            .await
+            .unwrap();
         assert_eq!(out.stdout_str(), "C\n");
     }
 
@@ -359,12 +397,18 @@ mod tests {
             .run(&Cmd::new("sh").args(["-c", "echo oops >&2; exit 3"]))
             .await
             .unwrap_err();
-        assert_eq!(err.to_string(), "command 'sh -c 'echo oops >&2; exit 3'' failed: exit code 3: oops");
+        assert_eq!(
+            err.to_string(),
+            "command 'sh -c 'echo oops >&2; exit 3'' failed: exit code 3: oops"
+        );
     }
 
     #[tokio::test]
     async fn signals_are_reported() {
-        let err = SystemRunner.run(&Cmd::new("sh").args(["-c", "kill -9 $$"])).await.unwrap_err();
+        let err = SystemRunner
+            .run(&Cmd::new("sh").args(["-c", "kill -9 $$"]))
+            .await
+            .unwrap_err();
         assert!(err.to_string().ends_with("failed: got signal 9"), "{err}");
     }
 
@@ -372,7 +416,11 @@ mod tests {
     async fn timeout_kills_the_child() {
         let start = std::time::Instant::now();
         let err = SystemRunner
-            .run(&Cmd::new("sleep").arg("30").timeout(Duration::from_millis(200)))
+            .run(
+                &Cmd::new("sleep")
+                    .arg("30")
+                    .timeout(Duration::from_millis(200)),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
@@ -381,13 +429,19 @@ mod tests {
 
     #[tokio::test]
     async fn stdin_is_fed() {
-        let out = SystemRunner.run(&Cmd::new("cat").stdin("hello")).await.unwrap();
+        let out = SystemRunner
+            .run(&Cmd::new("cat").stdin("hello"))
+            .await
+            .unwrap();
         assert_eq!(out.stdout, b"hello");
     }
 
     #[tokio::test]
     async fn missing_program_is_a_spawn_error() {
-        let err = SystemRunner.run(&Cmd::new("/nonexistent/vzkit-nothing")).await.unwrap_err();
+        let err = SystemRunner
+            .run(&Cmd::new("/nonexistent/vzkit-nothing"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CommandError::Spawn { .. }), "{err}");
     }
 
@@ -395,7 +449,10 @@ mod tests {
     async fn recording_runner_records_and_replays() {
         let r = RecordingRunner::new();
         r.push_reply(Output::failed(1, "no such pool"));
-        let err = r.run(&Cmd::new("zpool").args(["list", "tank"])).await.unwrap_err();
+        let err = r
+            .run(&Cmd::new("zpool").args(["list", "tank"]))
+            .await
+            .unwrap_err();
         assert_eq!(err.stderr(), "no such pool");
         r.run(&Cmd::new("true")).await.unwrap();
         assert_eq!(r.call_lines(), vec!["zpool list tank", "true"]);

@@ -46,9 +46,18 @@ impl FileLock {
             .map_err(io)?;
         let deadline = Instant::now() + timeout;
         loop {
-            let res = if shared { file.try_lock_shared() } else { file.try_lock() };
+            let res = if shared {
+                file.try_lock_shared()
+            } else {
+                file.try_lock()
+            };
             match res {
-                Ok(()) => return Ok(Self { _file: file, path: path.to_path_buf() }),
+                Ok(()) => {
+                    return Ok(Self {
+                        _file: file,
+                        path: path.to_path_buf(),
+                    });
+                }
                 Err(TryLockError::WouldBlock) => {
                     if Instant::now() >= deadline {
                         return Err(LockError::Timeout(path.to_path_buf()));
@@ -77,7 +86,10 @@ mod tests {
         let p = dir.path().join("sub/x.lock");
         let first = FileLock::acquire(&p, Duration::ZERO, false).unwrap();
         let err = FileLock::acquire(&p, Duration::from_millis(50), false).unwrap_err();
-        assert_eq!(err.to_string(), format!("can't lock file '{}' - got timeout", p.display()));
+        assert_eq!(
+            err.to_string(),
+            format!("can't lock file '{}' - got timeout", p.display())
+        );
         drop(first);
         FileLock::acquire(&p, Duration::ZERO, false).unwrap();
     }

@@ -43,19 +43,22 @@ fn unescape_mountinfo(field: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\' && i + 3 < bytes.len() {
             let oct = &field[i + 1..(i + 4).min(field.len())];
-            if oct.len() == 3 && oct.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-                if let Ok(v) = u8::from_str_radix(oct, 8) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
+            if oct.len() == 3
+                && oct.bytes().all(|b| (b'0'..=b'7').contains(&b))
+                && let Ok(v) = u8::from_str_radix(oct, 8)
+            {
+                out.push(v);
+                i += 4;
+                continue;
             }
         }
         out.push(bytes[i]);
         i += 1;
     }
     use std::os::unix::ffi::OsStringExt;
-    std::ffi::OsString::from_vec(out).to_string_lossy().into_owned()
+    std::ffi::OsString::from_vec(out)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Parses the text of `/proc/self/mountinfo`. Malformed lines are reported, not skipped.
@@ -105,8 +108,10 @@ pub fn is_mountpoint(path: &Path) -> std::io::Result<bool> {
 /// When the mount table cannot be read.
 pub fn mounts_below(dir: &Path) -> std::io::Result<Vec<MountInfo>> {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let mut found: Vec<MountInfo> =
-        mount_table()?.into_iter().filter(|m| m.mount_point.starts_with(&dir)).collect();
+    let mut found: Vec<MountInfo> = mount_table()?
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(&dir))
+        .collect();
     // The later a mount was made, the later it appears; unmount in reverse.
     found.reverse();
     Ok(found)
@@ -131,7 +136,9 @@ pub async fn loop_attach(
     file: &Path,
     read_only: bool,
 ) -> Result<PathBuf, CommandError> {
-    let assoc = runner.run_stdout(&Cmd::new(LOSETUP).arg("--associated").arg(file)).await?;
+    let assoc = runner
+        .run_stdout(&Cmd::new(LOSETUP).arg("--associated").arg(file))
+        .await?;
     if let Some(dev) = parse_losetup_associated(&assoc) {
         return Ok(dev);
     }
@@ -148,7 +155,10 @@ pub async fn loop_attach(
 /// # Errors
 /// When `losetup -d` fails.
 pub async fn loop_detach(runner: &dyn Runner, dev: &Path) -> Result<(), CommandError> {
-    runner.run(&Cmd::new(LOSETUP).arg("-d").arg(dev)).await.map(drop)
+    runner
+        .run(&Cmd::new(LOSETUP).arg("-d").arg(dev))
+        .await
+        .map(drop)
 }
 
 /// How to mount something.
@@ -300,12 +310,19 @@ mod tests {
             ..MountSpec::default()
         };
         assert_eq!(
-            mount_cmd(Path::new("/dev/loop0"), Path::new("/t"), &spec).argv().join(" "),
+            mount_cmd(Path::new("/dev/loop0"), Path::new("/t"), &spec)
+                .argv()
+                .join(" "),
             "mount -o noatime,acl -o usrjquota=aquota.user,grpjquota=aquota.group,jqfmt=vfsv0 -o ro /dev/loop0 /t"
         );
-        let bind = MountSpec { bind: true, ..MountSpec::default() };
+        let bind = MountSpec {
+            bind: true,
+            ..MountSpec::default()
+        };
         assert_eq!(
-            mount_cmd(Path::new("/src"), Path::new("/t"), &bind).argv().join(" "),
+            mount_cmd(Path::new("/src"), Path::new("/t"), &bind)
+                .argv()
+                .join(" "),
             "mount -o bind /src /t"
         );
     }
@@ -323,14 +340,26 @@ mod tests {
         r.push_reply(Output::ok("/dev/loop2\n"));
         let dev = loop_attach(&r, Path::new("/x.raw"), true).await.unwrap();
         assert_eq!(dev, Path::new("/dev/loop2"));
-        assert_eq!(r.call_lines(), vec!["losetup --associated /x.raw", "losetup --show -f -r /x.raw"]);
+        assert_eq!(
+            r.call_lines(),
+            vec!["losetup --associated /x.raw", "losetup --show -f -r /x.raw"]
+        );
     }
 
     #[tokio::test]
     async fn read_only_bind_is_remounted() {
         let r = RecordingRunner::new();
-        let spec = MountSpec { bind: true, read_only: true, ..MountSpec::default() };
-        mount(&r, Path::new("/s"), Path::new("/t"), &spec).await.unwrap();
-        assert_eq!(r.call_lines(), vec!["mount -o bind /s /t", "mount -o bind,remount,ro /t"]);
+        let spec = MountSpec {
+            bind: true,
+            read_only: true,
+            ..MountSpec::default()
+        };
+        mount(&r, Path::new("/s"), Path::new("/t"), &spec)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.call_lines(),
+            vec!["mount -o bind /s /t", "mount -o bind,remount,ro /t"]
+        );
     }
 }

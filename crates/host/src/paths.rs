@@ -147,8 +147,14 @@ mod tests {
         assert_eq!(l.storage_cfg(), Path::new("/tmp/r/etc/pve/storage.cfg"));
         assert_eq!(l.ct_conf(100), Path::new("/tmp/r/etc/pve/lxc/100.conf"));
         assert_eq!(l.ct_rootfs(100), Path::new("/tmp/r/var/lib/lxc/100/rootfs"));
-        assert_eq!(l.ct_lock(7), Path::new("/tmp/r/run/lock/lxc/pve-config-7.lock"));
+        assert_eq!(
+            l.ct_lock(7),
+            Path::new("/tmp/r/run/lock/lxc/pve-config-7.lock")
+        );
         assert_eq!(l.default_local_path(), Path::new("/tmp/r/var/lib/vz"));
-        assert_eq!(Layout::new("/").vzdump_conf(), Path::new("/etc/vzdump.conf"));
+        assert_eq!(
+            Layout::new("/").vzdump_conf(),
+            Path::new("/etc/vzdump.conf")
+        );
     }
 }

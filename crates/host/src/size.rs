@@ -87,7 +87,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
 #[must_use]
 pub fn format_size(bytes: u64) -> String {
     for (letter, mult) in UNITS {
-        if bytes % mult == 0 {
+        if bytes.is_multiple_of(mult) {
             return format!("{}{letter}", bytes / mult);
         }
     }
@@ -156,7 +156,19 @@ mod tests {
 
     #[test]
     fn rejects_malformed_sizes() {
-        for text in ["", "G", "1.G", ".5G", "1g", "1GB", "1 G", "-1", "1Gi", "1P", "99999999999T"] {
+        for text in [
+            "",
+            "G",
+            "1.G",
+            ".5G",
+            "1g",
+            "1GB",
+            "1 G",
+            "-1",
+            "1Gi",
+            "1P",
+            "99999999999T",
+        ] {
             assert_eq!(parse_size(text), Err(SizeError(text.to_string())), "{text}");
         }
     }

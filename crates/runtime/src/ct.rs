@@ -41,10 +41,14 @@ pub fn root_owner(conf: &CtConfig) -> Result<RootOwner> {
     let gid = map.map_to_host(IdKind::Group, 0);
     match (uid, gid) {
         (Some(u), Some(g)) => Ok(RootOwner {
-            uid: u32::try_from(u).map_err(|_| RuntimeError::Invalid(format!("uid {u} out of range")))?,
-            gid: u32::try_from(g).map_err(|_| RuntimeError::Invalid(format!("gid {g} out of range")))?,
+            uid: u32::try_from(u)
+                .map_err(|_| RuntimeError::Invalid(format!("uid {u} out of range")))?,
+            gid: u32::try_from(g)
+                .map_err(|_| RuntimeError::Invalid(format!("gid {g} out of range")))?,
         }),
-        _ => Err(RuntimeError::Invalid("the id map does not map the container's root".into())),
+        _ => Err(RuntimeError::Invalid(
+            "the id map does not map the container's root".into(),
+        )),
     }
 }
 
@@ -59,7 +63,10 @@ impl<'a> Containers<'a> {
     /// Operations over the configs below the storages' layout.
     #[must_use]
     pub fn new(storages: &'a Storages) -> Self {
-        Self { store: CtStore::new(storages.layout().clone()), storages }
+        Self {
+            store: CtStore::new(storages.layout().clone()),
+            storages,
+        }
     }
 
     /// The config store.
@@ -91,7 +98,9 @@ impl<'a> Containers<'a> {
                 )));
             }
             if key == "rootfs" {
-                return Err(RuntimeError::Invalid("unable to delete required option 'rootfs'".into()));
+                return Err(RuntimeError::Invalid(
+                    "unable to delete required option 'rootfs'".into(),
+                ));
             }
             let Some(old) = new.delete(key) else { continue };
             if is_volume_key(key) {
@@ -120,6 +129,8 @@ impl<'a> Containers<'a> {
             }
             new_disks.push((key.clone(), mp));
         }
+        // Allocate in PVE's volume order (rootfs, mp0, mp1, ...), whatever the argument order.
+        new_disks.sort_by_key(|(k, _)| volume_key_rank(k));
         let owner = root_owner(&new)?;
         let created = create_disks(self.storages, vmid, &mut new_disks, None, owner).await?;
         let res = (|| {
@@ -176,11 +187,13 @@ impl<'a> Containers<'a> {
         let mut conf = self.store.load(vmid)?;
         conf.check_lock()?;
         if !is_volume_key(disk) {
-            return Err(RuntimeError::Invalid(format!("disk: invalid format - unknown disk '{disk}'")));
+            return Err(RuntimeError::Invalid(format!(
+                "disk: invalid format - unknown disk '{disk}'"
+            )));
         }
-        let value = conf
-            .get(disk)
-            .ok_or_else(|| RuntimeError::Invalid(format!("unable to parse config option '{disk}'")))?;
+        let value = conf.get(disk).ok_or_else(|| {
+            RuntimeError::Invalid(format!("unable to parse config option '{disk}'"))
+        })?;
         let mut mp = parse_volume(disk, value)?;
         if mp.kind() != MountPointKind::Volume {
             return Err(RuntimeError::Invalid(format!(
@@ -192,7 +205,9 @@ impl<'a> Containers<'a> {
             None => (false, size),
         };
         let bytes = parse_size(num).map_err(|_| {
-            RuntimeError::Invalid(format!("size: value does not match the regex pattern ('{size}')"))
+            RuntimeError::Invalid(format!(
+                "size: value does not match the regex pattern ('{size}')"
+            ))
         })?;
         let (plugin, volname) = self.storages.resolve(&mp.volume)?;
         plugin.activate_storage().await?;
@@ -267,7 +282,9 @@ impl<'a> Containers<'a> {
             Some(other) => Err(RuntimeError::Failed(format!(
                 "found lock '{other}' trying to remove 'mounted' lock"
             ))),
-            None => Err(RuntimeError::Failed("no lock found trying to remove 'mounted' lock".into())),
+            None => Err(RuntimeError::Failed(
+                "no lock found trying to remove 'mounted' lock".into(),
+            )),
         }
     }
 
@@ -297,16 +314,26 @@ impl<'a> Containers<'a> {
                 vmid,
                 status.to_string(),
                 conf.get("lock").unwrap_or_default().to_string(),
-                conf.get("hostname").map_or_else(|| format!("CT{vmid}"), str::to_string),
+                conf.get("hostname")
+                    .map_or_else(|| format!("CT{vmid}"), str::to_string),
             ));
         }
         Ok(rows)
     }
 }
 
+/// Sort rank of a volume key: `rootfs` first, then `mpN` by number.
+fn volume_key_rank(key: &str) -> u32 {
+    key.strip_prefix("mp")
+        .and_then(|n| n.parse::<u32>().ok())
+        .map_or(0, |n| n + 1)
+}
+
 /// Checks and grows an ext4 filesystem on an image file or block device that is not mounted.
 async fn grow_ext4(runner: &dyn Runner, path: &std::path::Path) -> Result<()> {
-    let out = runner.output(&Cmd::new(E2FSCK).args(["-f", "-y"]).arg(path)).await?;
+    let out = runner
+        .output(&Cmd::new(E2FSCK).args(["-f", "-y"]).arg(path))
+        .await?;
     // e2fsck exit codes 0 (clean) and 1 (errors corrected) are fine.
     if !matches!(out.exit, vzkit_host::command::Exit::Code(0 | 1)) {
         return Err(RuntimeError::Failed(format!(

@@ -45,7 +45,9 @@ pub async fn alloc_disk(
     }
     let format =
         container_volume_format(section.storage_type(), section.path().is_some(), size_kib);
-    let volid = storages.vdisk_alloc(storage, vmid, format, None, size_kib).await?;
+    let volid = storages
+        .vdisk_alloc(storage, vmid, format, None, size_kib)
+        .await?;
     if let Err(e) = prepare_disk(storages, &volid, owner).await {
         if let Err(undo) = storages.vdisk_free(&volid).await {
             return Err(RuntimeError::Failed(format!(
@@ -96,7 +98,9 @@ pub async fn create_disks(
         } else {
             mp.volume.clone()
         };
-        let Some((storage, size_kib)) = parse_new_disk(&spec) else { continue };
+        let Some((storage, size_kib)) = parse_new_disk(&spec) else {
+            continue;
+        };
         match alloc_disk(storages, vmid, &storage, size_kib, owner).await {
             Ok(volid) => {
                 mp.volume = volid.clone();
@@ -106,7 +110,11 @@ pub async fn create_disks(
             Err(e) => {
                 let mut msgs = Vec::new();
                 destroy_disks(storages, &created, &mut |m| msgs.push(m)).await;
-                let extra = if msgs.is_empty() { String::new() } else { format!(" ({})", msgs.join("; ")) };
+                let extra = if msgs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", msgs.join("; "))
+                };
                 return Err(RuntimeError::Failed(format!(
                     "unable to create volume for {key}: {e}{extra}"
                 )));

@@ -26,7 +26,9 @@ use crate::conf::mountpoint::{MountPoint, MountPointKind};
 use crate::error::{Result, RuntimeError};
 
 /// Mount options a user may set through `mountoptions`.
-const NORMAL_OPTIONS: &[&str] = &["discard", "lazytime", "noatime", "nodev", "noexec", "nosuid"];
+const NORMAL_OPTIONS: &[&str] = &[
+    "discard", "lazytime", "noatime", "nodev", "noexec", "nosuid",
+];
 /// Those that remain for read-only and snapshot mounts.
 const RO_OPTIONS: &[&str] = &["nodev", "noexec", "nosuid"];
 /// The journaled quota options PVE passes for `quota=1`.
@@ -53,7 +55,11 @@ pub struct Mounted {
 /// The mount options (first `-o` group) for a mount point.
 #[must_use]
 pub fn mount_options(mp: &MountPoint, snapshot: bool) -> Vec<String> {
-    let allowed = if mp.ro == Some(true) || snapshot { RO_OPTIONS } else { NORMAL_OPTIONS };
+    let allowed = if mp.ro == Some(true) || snapshot {
+        RO_OPTIONS
+    } else {
+        NORMAL_OPTIONS
+    };
     let mut opts: Vec<String> = mp
         .mountoptions
         .iter()
@@ -80,7 +86,9 @@ pub fn walk_tree_nofollow(root: &Path, rel: &str, owner: RootOwner) -> Result<Pa
     let mut cur = root.to_path_buf();
     for comp in rel.split('/').filter(|c| !c.is_empty() && *c != ".") {
         if comp == ".." {
-            return Err(RuntimeError::Invalid(format!("illegal path component '..' in '{rel}'")));
+            return Err(RuntimeError::Invalid(format!(
+                "illegal path component '..' in '{rel}'"
+            )));
         }
         cur.push(comp);
         match std::fs::symlink_metadata(&cur) {
@@ -209,7 +217,9 @@ pub fn mount_order(mps: &[(String, MountPoint)]) -> Vec<(String, MountPoint)> {
     list.sort_by(|(ka, a), (kb, b)| {
         let ra = ka != "rootfs";
         let rb = kb != "rootfs";
-        ra.cmp(&rb).then_with(|| a.mp.cmp(&b.mp)).then_with(|| ka.cmp(kb))
+        ra.cmp(&rb)
+            .then_with(|| a.mp.cmp(&b.mp))
+            .then_with(|| ka.cmp(kb))
     });
     list
 }
@@ -234,7 +244,10 @@ pub async fn mount_all(
                 let runner = storages.runner();
                 for m in done.iter().rev() {
                     if let Err(undo) = hmount::umount(runner.as_ref(), &m.target, false).await {
-                        warn(format!("unable to unmount '{}': {undo}", m.target.display()));
+                        warn(format!(
+                            "unable to unmount '{}': {undo}",
+                            m.target.display()
+                        ));
                     }
                 }
                 return Err(RuntimeError::Failed(format!("mounting {key} failed: {e}")));
@@ -249,7 +262,8 @@ pub async fn mount_all(
 /// # Errors
 /// The first unmount failure (the others are still attempted).
 pub async fn umount_all(runner: &dyn Runner, root: &Path) -> Result<usize> {
-    let mounts = hmount::mounts_below(root).map_err(|e| RuntimeError::io("read mounts", root, e))?;
+    let mounts =
+        hmount::mounts_below(root).map_err(|e| RuntimeError::io("read mounts", root, e))?;
     let mut first_err = None;
     for m in &mounts {
         if let Err(e) = hmount::umount(runner, &m.mount_point, false).await {
@@ -286,7 +300,10 @@ mod tests {
         let mut m = mp("local:1/a.raw", "/a");
         m.mountoptions = vec!["noatime".into(), "nodev".into(), "discard".into()];
         m.acl = Some(true);
-        assert_eq!(mount_options(&m, false), ["noatime", "nodev", "discard", "acl"]);
+        assert_eq!(
+            mount_options(&m, false),
+            ["noatime", "nodev", "discard", "acl"]
+        );
         m.ro = Some(true);
         assert_eq!(mount_options(&m, false), ["nodev", "acl"]);
         m.ro = None;
@@ -304,7 +321,15 @@ mod tests {
         let err = walk_tree_nofollow(root, "/evil/x", RootOwner::default()).unwrap_err();
         assert_eq!(err.to_string(), "symlink encountered at: ./evil");
         assert!(!Path::new("/etc/x").exists());
-        let p = walk_tree_nofollow(root, "/a/b", RootOwner { uid: 1234, gid: 4321 }).unwrap();
+        let p = walk_tree_nofollow(
+            root,
+            "/a/b",
+            RootOwner {
+                uid: 1234,
+                gid: 4321,
+            },
+        )
+        .unwrap();
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!((m.uid(), m.gid()), (1234, 4321));

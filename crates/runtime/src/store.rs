@@ -150,7 +150,10 @@ impl CtStore {
         for e in entries {
             let e = e.map_err(|err| RuntimeError::io("unable to read", &dir, err))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".conf").and_then(|s| s.parse::<u32>().ok()) {
+            if let Some(id) = name
+                .strip_suffix(".conf")
+                .and_then(|s| s.parse::<u32>().ok())
+            {
                 ids.push(id);
             }
         }
@@ -163,11 +166,7 @@ impl CtStore {
     ///
     /// # Errors
     /// Lock, load, `f`'s and write errors.
-    pub fn update<T>(
-        &self,
-        vmid: u32,
-        f: impl FnOnce(&mut CtConfig) -> Result<T>,
-    ) -> Result<T> {
+    pub fn update<T>(&self, vmid: u32, f: impl FnOnce(&mut CtConfig) -> Result<T>) -> Result<T> {
         let _lock = self.lock(vmid)?;
         let mut conf = self.load(vmid)?;
         let res = f(&mut conf)?;
@@ -204,7 +203,9 @@ impl CtStore {
                     )));
                 }
                 (None, None) => {
-                    return Err(RuntimeError::Failed("no lock found trying to remove any lock".into()));
+                    return Err(RuntimeError::Failed(
+                        "no lock found trying to remove any lock".into(),
+                    ));
                 }
                 (Some(have), Some(want)) if have != want => {
                     return Err(RuntimeError::Failed(format!(

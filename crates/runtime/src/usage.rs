@@ -22,8 +22,12 @@ pub fn volume_users(layout: &Layout, volid: &str) -> Result<Vec<(u32, String)>> 
         for (prefix, section) in sections {
             for (key, value) in &section.options {
                 let is_vol_key = key == "rootfs"
-                    || key.strip_prefix("mp").is_some_and(|n| n.parse::<u32>().is_ok())
-                    || key.strip_prefix("unused").is_some_and(|n| n.parse::<u32>().is_ok());
+                    || key
+                        .strip_prefix("mp")
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+                    || key
+                        .strip_prefix("unused")
+                        .is_some_and(|n| n.parse::<u32>().is_ok());
                 if !is_vol_key {
                     continue;
                 }

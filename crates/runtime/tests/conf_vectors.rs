@@ -36,7 +36,11 @@ fn conf_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn snapshot_vector_configs_round_trip_byte_exact() {
     let mut files = Vec::new();
     conf_files(&data_dir().join("pve-container/snapshot"), &mut files);
-    assert_eq!(files.len(), 84, "expected 42 input + 42 expected config files");
+    assert_eq!(
+        files.len(),
+        84,
+        "expected 42 input + 42 expected config files"
+    );
     for path in &files {
         let text = std::fs::read_to_string(path).expect("read vector");
         let vmid: u32 = path
@@ -49,7 +53,11 @@ fn snapshot_vector_configs_round_trip_byte_exact() {
         // check enums) and `vmstate` (a qemu key, unknown to containers): only the latter
         // warns.
         for w in &warnings {
-            assert!(w.contains("unknown setting 'vmstate'"), "{}: {w}", path.display());
+            assert!(
+                w.contains("unknown setting 'vmstate'"),
+                "{}: {w}",
+                path.display()
+            );
         }
         let written = conf.write().expect("write");
         assert_eq!(written, text, "{}", path.display());
@@ -62,19 +70,36 @@ fn snapshot_vector_sections_are_parsed() {
     let path = data_dir().join("pve-container/snapshot/snapshot-input/rollback/lxc/209.conf");
     let text = std::fs::read_to_string(path).expect("read vector");
     let (conf, _) = CtConfig::parse(209, &text).expect("parse");
-    assert_eq!(conf.main.description.as_deref(), Some(" should be preserved\n"));
+    assert_eq!(
+        conf.main.description.as_deref(),
+        Some(" should be preserved\n")
+    );
     assert_eq!(conf.snapshots.len(), 1);
     let snap = &conf.snapshots["test"];
     assert_eq!(snap.get("memory"), Some("4096"));
-    assert_eq!(snap.description.as_deref(), Some(" should be thrown away\n"));
-    let keys: Vec<_> = conf.mountpoints().expect("mps").into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        snap.description.as_deref(),
+        Some(" should be thrown away\n")
+    );
+    let keys: Vec<_> = conf
+        .mountpoints()
+        .expect("mps")
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
     assert_eq!(keys, ["rootfs", "mp0", "mp1"]);
-    assert_eq!(conf.main.unused_volumes(), [("unused0".to_string(), "preserved:some-disk-1".to_string())]);
+    assert_eq!(
+        conf.main.unused_volumes(),
+        [("unused0".to_string(), "preserved:some-disk-1".to_string())]
+    );
 
     let snapstate = data_dir().join("pve-container/snapshot/snapshot-input/commit/lxc/101.conf");
     let text = std::fs::read_to_string(snapstate).expect("read vector");
     let (conf, _) = CtConfig::parse(101, &text).expect("parse");
-    assert_eq!(conf.lock().expect("lock").map(|l| l.as_str()), Some("snapshot"));
+    assert_eq!(
+        conf.lock().expect("lock").map(|l| l.as_str()),
+        Some("snapshot")
+    );
     assert_eq!(
         conf.check_lock().expect_err("locked").to_string(),
         "CT is locked (snapshot)"
@@ -103,16 +128,28 @@ fn idmap_cases() -> Vec<IdmapCase> {
     let entry_re = regex::Regex::new(r"\['lxc\.idmap', '([^']*)'\]").expect("re");
     let like_re = regex::Regex::new(r"like\(\$@, qr/(.*)/, ").expect("re");
     let mut cases = Vec::new();
-    let mut cur = IdmapCase { unprivileged: false, entries: vec![], expect: None };
+    let mut cur = IdmapCase {
+        unprivileged: false,
+        entries: vec![],
+        expect: None,
+    };
     let mut asserted = false;
     let finish = |cur: &mut IdmapCase, asserted: &mut bool, cases: &mut Vec<IdmapCase>| {
         if *asserted && (cur.unprivileged || !cur.entries.is_empty()) {
             cases.push(std::mem::replace(
                 cur,
-                IdmapCase { unprivileged: false, entries: vec![], expect: None },
+                IdmapCase {
+                    unprivileged: false,
+                    entries: vec![],
+                    expect: None,
+                },
             ));
         } else {
-            *cur = IdmapCase { unprivileged: false, entries: vec![], expect: None };
+            *cur = IdmapCase {
+                unprivileged: false,
+                entries: vec![],
+                expect: None,
+            };
         }
         *asserted = false;
     };
@@ -130,7 +167,9 @@ fn idmap_cases() -> Vec<IdmapCase> {
             asserted = true;
         } else if let Some(c) = like_re.captures(line) {
             asserted = true;
-            cur.expect.get_or_insert_with(Vec::new).push(c[1].to_string());
+            cur.expect
+                .get_or_insert_with(Vec::new)
+                .push(c[1].to_string());
         }
     }
     finish(&mut cur, &mut asserted, &mut cases);
@@ -144,7 +183,11 @@ fn idmap_vectors() {
     assert_eq!(cases.len(), 8, "{cases:#?}");
     assert_eq!(cases.iter().filter(|c| c.expect.is_some()).count(), 5);
     for case in &cases {
-        let lxc: Vec<(&str, &str)> = case.entries.iter().map(|e| ("lxc.idmap", e.as_str())).collect();
+        let lxc: Vec<(&str, &str)> = case
+            .entries
+            .iter()
+            .map(|e| ("lxc.idmap", e.as_str()))
+            .collect();
         let map = IdMap::from_lxc(lxc, case.unprivileged).expect("entries parse");
         let result = map.validate();
         match &case.expect {
@@ -162,7 +205,11 @@ fn idmap_vectors() {
 #[test]
 fn idmap_exact_messages_and_neighbour_only_check() {
     let map = IdMap::from_lxc(
-        [("lxc.idmap", "u 5 100000 6"), ("lxc.idmap", "u 0 200000 11"), ("lxc.idmap", "u 3 300000 2")],
+        [
+            ("lxc.idmap", "u 5 100000 6"),
+            ("lxc.idmap", "u 0 200000 11"),
+            ("lxc.idmap", "u 3 300000 2"),
+        ],
         false,
     )
     .expect("parse");
@@ -179,8 +226,8 @@ fn idmap_performance_case_validates() {
     let entries: Vec<String> = (0..1000u64)
         .map(|i| format!("u {} {} 10", i * 10, 100_000 + i * 10))
         .collect();
-    let map = IdMap::from_lxc(entries.iter().map(|e| ("lxc.idmap", e.as_str())), false)
-        .expect("parse");
+    let map =
+        IdMap::from_lxc(entries.iter().map(|e| ("lxc.idmap", e.as_str())), false).expect("parse");
     assert_eq!(map.validate(), Ok(()));
     assert_eq!(map.map_to_host(IdKind::User, 9999), Some(109_999));
     assert_eq!(map.map_to_host(IdKind::User, 10_000), None);
@@ -256,7 +303,10 @@ fn pending_delete_vectors() {
                     }
                     let want = conf_from_json(expect);
                     assert_eq!(conf.main.options, want.main.options, "{method}: {sub}");
-                    assert_eq!(conf.pending.options, want.pending.options, "{method}: {sub}");
+                    assert_eq!(
+                        conf.pending.options, want.pending.options,
+                        "{method}: {sub}"
+                    );
                 }
                 other => panic!("unknown method {other}"),
             }
@@ -282,7 +332,10 @@ fn arb_volume() -> impl Strategy<Value = String> {
         ("[a-z][a-z0-9-]{0,6}[a-z0-9]", "[a-z0-9][a-z0-9/._-]{0,15}")
             .prop_map(|(s, v)| format!("{s}:{v}"))
             .prop_filter("no illegal sequences", |v| {
-                !(v.contains("/./") || v.contains("/../") || v.ends_with("/.") || v.ends_with("/.."))
+                !(v.contains("/./")
+                    || v.contains("/../")
+                    || v.ends_with("/.")
+                    || v.ends_with("/.."))
             }),
         arb_path(),
         "[a-z]{1,6}".prop_map(|d| format!("/dev/{d}")),
@@ -295,7 +348,12 @@ fn arb_idmap() -> impl Strategy<Value = Option<MpIdMap>> {
         Just(Some(MpIdMap::Passthrough)),
         proptest::collection::vec(
             (any::<bool>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-                |(uid, ct, disk, count)| MpIdMapEntry { uid, ct, disk, count }
+                |(uid, ct, disk, count)| MpIdMapEntry {
+                    uid,
+                    ct,
+                    disk,
+                    count
+                }
             ),
             1..4
         )
@@ -305,7 +363,9 @@ fn arb_idmap() -> impl Strategy<Value = Option<MpIdMap>> {
 
 fn arb_mountpoint(rootfs: bool) -> impl Strategy<Value = MountPoint> {
     let opts = proptest::sample::subsequence(
-        vec!["discard", "lazytime", "noatime", "nodev", "noexec", "nosuid"],
+        vec![
+            "discard", "lazytime", "noatime", "nodev", "noexec", "nosuid",
+        ],
         0..=6,
     );
     (
@@ -344,13 +404,14 @@ fn arb_value() -> impl Strategy<Value = String> {
 
 fn arb_section(rootfs: bool) -> impl Strategy<Value = ConfigSection> {
     let descr = proptest::option::of(
-        (proptest::collection::vec(arb_line(), 0..4), "[!-~]{1,5}")
-            .prop_map(|(mut lines, last)| {
+        (proptest::collection::vec(arb_line(), 0..4), "[!-~]{1,5}").prop_map(
+            |(mut lines, last)| {
                 lines.push(last);
                 let mut d = lines.join("\n");
                 d.push('\n');
                 d
-            }),
+            },
+        ),
     );
     let lxc_keys = proptest::sample::select(vec![
         "lxc.apparmor.profile",
@@ -373,7 +434,10 @@ fn arb_section(rootfs: bool) -> impl Strategy<Value = ConfigSection> {
     )
         .prop_map(
             move |(description, hostname, memory, onboot, root, mps, unused, lxc, env, tags)| {
-                let mut s = ConfigSection { description, ..ConfigSection::default() };
+                let mut s = ConfigSection {
+                    description,
+                    ..ConfigSection::default()
+                };
                 let mut put = |k: String, v: String| {
                     s.options.insert(k, v);
                 };
@@ -389,10 +453,8 @@ fn arb_section(rootfs: bool) -> impl Strategy<Value = ConfigSection> {
                 if let Some(t) = tags {
                     put("tags".into(), t);
                 }
-                if rootfs {
-                    if let Some(r) = root {
-                        put("rootfs".into(), r.print(true).expect("print rootfs"));
-                    }
+                if rootfs && let Some(r) = root {
+                    put("rootfs".into(), r.print(true).expect("print rootfs"));
                 }
                 for (n, mp) in mps {
                     put(format!("mp{n}"), mp.print(false).expect("print mp"));

@@ -14,9 +14,9 @@
 use std::path::Path;
 use std::sync::LazyLock;
 
+use jiff::ZonedDateTime;
 use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
-use jiff::ZonedDateTime;
 use regex::Regex;
 use serde::Serialize;
 
@@ -34,16 +34,11 @@ fn re(pattern: &str) -> Regex {
     Regex::new(pattern).expect("static regex must compile")
 }
 
-static ARCHIVE_RE: LazyLock<Regex> = LazyLock::new(|| {
-    re(&format!(
-        r"^(vzdump-(lxc|openvz|qemu)-.+{BACKUP_EXT_RE})$"
-    ))
-});
+static ARCHIVE_RE: LazyLock<Regex> =
+    LazyLock::new(|| re(&format!(r"^(vzdump-(lxc|openvz|qemu)-.+{BACKUP_EXT_RE})$")));
 static ISO_FILE_RE: LazyLock<Regex> = LazyLock::new(|| re(&format!(r"^[^/]+{ISO_EXT_RE}$")));
-static VZTMPL_FILE_RE: LazyLock<Regex> =
-    LazyLock::new(|| re(&format!(r"^[^/]+{VZTMPL_EXT_RE}$")));
-static BACKUP_FILE_RE: LazyLock<Regex> =
-    LazyLock::new(|| re(&format!(r"^[^/]+{BACKUP_EXT_RE}$")));
+static VZTMPL_FILE_RE: LazyLock<Regex> = LazyLock::new(|| re(&format!(r"^[^/]+{VZTMPL_EXT_RE}$")));
+static BACKUP_FILE_RE: LazyLock<Regex> = LazyLock::new(|| re(&format!(r"^[^/]+{BACKUP_EXT_RE}$")));
 
 /// Errors of [`archive_info`] and [`decompressor_info`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -224,19 +219,13 @@ pub fn archive_info_in(archive: &str, tz: &TimeZone) -> Result<ArchiveInfo, Arch
     ));
     if let Some(s) = std_re.captures(volid) {
         let num = |i: usize| -> i64 { s[i].parse().unwrap_or(i64::MAX) };
-        let ctime = timelocal(
-            tz,
-            num(3),
-            num(4),
-            num(5),
-            num(6),
-            num(7),
-            num(8),
-        )
-        .map_err(|reason| ArchiveError::InvalidTime {
-            name: archive.to_string(),
-            reason,
-        })?;
+        let ctime =
+            timelocal(tz, num(3), num(4), num(5), num(6), num(7), num(8)).map_err(|reason| {
+                ArchiveError::InvalidTime {
+                    name: archive.to_string(),
+                    reason,
+                }
+            })?;
         info.logfilename = Some(format!("{}.log", &s[1]));
         info.notesfilename = Some(notes_filename(&info.filename));
         info.vmid = Some(s[2].parse().map_err(|_| unrecognized())?);
@@ -292,7 +281,9 @@ fn timelocal(
         0,
     )
     .map_err(|e| e.to_string())?;
-    let zoned = dt.to_zoned_datetime(tz.clone()).map_err(|e| e.to_string())?;
+    let zoned = dt
+        .to_zoned_datetime(tz.clone())
+        .map_err(|e| e.to_string())?;
     Ok(zoned.timestamp().as_second())
 }
 
@@ -337,12 +328,15 @@ mod tests {
         Some(list.iter().map(|s| s.to_string()).collect())
     }
 
+    /// (extension, compression, decompressor)
+    type DecompCase = (&'static str, Option<&'static str>, Option<Vec<String>>);
+
     // 2020-03-30 21:12:40 UTC
     const CTIME: i64 = 1_585_602_760;
 
     #[test]
     fn std_names_all_types_formats_compressions() {
-        let decomp_tar: &[(&str, Option<&str>, Option<Vec<String>>)] = &[
+        let decomp_tar: &[DecompCase] = &[
             ("tar", None, None),
             ("tgz", Some("gz"), v(&["tar", "-z"])),
             ("tar.gz", Some("gz"), v(&["tar", "-z"])),
@@ -350,7 +344,7 @@ mod tests {
             ("tar.zst", Some("zst"), v(&["tar", "--zstd"])),
             ("tar.bz2", Some("bz2"), v(&["tar", "--bzip2"])),
         ];
-        let decomp_vma: &[(&str, Option<&str>, Option<Vec<String>>)] = &[
+        let decomp_vma: &[DecompCase] = &[
             ("vma", None, None),
             ("vma.gz", Some("gz"), v(&["zcat"])),
             ("vma.lzo", Some("lzo"), v(&["lzop", "-d", "-c"])),

@@ -174,9 +174,18 @@ enum Kind {
 fn property_kind(key: &str) -> Option<Kind> {
     use Kind::*;
     Some(match key {
-        "disable" | "shared" | "mkdir" | "create-base-path" | "create-subdirs"
-        | "snapshot-as-volume-chain" | "sparse" | "krbd" | "saferemove" | "tagged_only"
-        | "nowritecache" | "nocow" => Bool,
+        "disable"
+        | "shared"
+        | "mkdir"
+        | "create-base-path"
+        | "create-subdirs"
+        | "snapshot-as-volume-chain"
+        | "sparse"
+        | "krbd"
+        | "saferemove"
+        | "tagged_only"
+        | "nowritecache"
+        | "nocow" => Bool,
         "max-protected-backups" => Int(Some(-1), None),
         "port" => Int(Some(1), Some(65535)),
         "maxfiles" => Int(Some(0), None),
@@ -193,11 +202,32 @@ fn property_kind(key: &str) -> Option<Kind> {
         "preallocation" => Enum(&["off", "metadata", "falloc", "full"]),
         "iscsiprovider" => Enum(&["comstar", "istgt", "iet", "LIO"]),
         "smbversion" => Enum(&["default", "2.0", "2.1", "3", "3.0", "3.11"]),
-        "is_mountpoint" | "pool" | "blocksize" | "mountpoint" | "monhost" | "data-pool"
-        | "namespace" | "username" | "keyring" | "authsupported" | "portal" | "target"
-        | "comstar_hg" | "comstar_tg" | "lio_tpg" | "zfs-base-path" | "server" | "share"
-        | "domain" | "password" | "fs-name" | "datastore" | "fingerprint"
-        | "encryption-key" | "master-pubkey" | "saferemove_throughput" => Str,
+        "is_mountpoint"
+        | "pool"
+        | "blocksize"
+        | "mountpoint"
+        | "monhost"
+        | "data-pool"
+        | "namespace"
+        | "username"
+        | "keyring"
+        | "authsupported"
+        | "portal"
+        | "target"
+        | "comstar_hg"
+        | "comstar_tg"
+        | "lio_tpg"
+        | "zfs-base-path"
+        | "server"
+        | "share"
+        | "domain"
+        | "password"
+        | "fs-name"
+        | "datastore"
+        | "fingerprint"
+        | "encryption-key"
+        | "master-pubkey"
+        | "saferemove_throughput" => Str,
         _ => return None,
     })
 }
@@ -585,8 +615,7 @@ pub fn storage_types() -> impl Iterator<Item = &'static str> {
 
 static NODE_RE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)^[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?$").expect("static regex"));
-static PATH_RE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^/[^;()]+").expect("static regex"));
+static PATH_RE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^/[^;()]+").expect("static regex"));
 static DIR_OVERRIDE_RE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^([a-z]+)=([^.]*(?:\.?[^.]+)+)$").expect("static regex"));
 
@@ -607,19 +636,26 @@ fn verify_bwlimit(v: &str) -> Result<(), String> {
         if part.trim_matches(is_perl_space).is_empty() {
             continue;
         }
-        let Some((k, val)) = part.split_once('=').filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        let Some((k, val)) = part
+            .split_once('=')
+            .filter(|(k, v)| !k.is_empty() && !v.is_empty())
         else {
             return Err("missing key in comma-separated list property".to_string());
         };
         if !seen.insert(k) {
-            return Err(format!("duplicate key in comma-separated list property: {k}"));
+            return Err(format!(
+                "duplicate key in comma-separated list property: {k}"
+            ));
         }
         if !KEYS.contains(&k) {
             errors.insert(
                 k.to_string(),
                 "property is not defined in schema and the schema does not allow additional properties",
             );
-        } else if val.parse::<f64>().map_or(true, |n| !n.is_finite() || n < 0.0) {
+        } else if val
+            .parse::<f64>()
+            .map_or(true, |n| !n.is_finite() || n < 0.0)
+        {
             errors.insert(k.to_string(), "type check ('number') failed");
         }
     }
@@ -632,11 +668,7 @@ fn verify_bwlimit(v: &str) -> Result<(), String> {
 }
 
 /// `check_value` with the schema check: returns the canonical value to store.
-fn check_value(
-    schema: &TypeSchema,
-    key: &str,
-    value: Option<&str>,
-) -> Result<String, String> {
+fn check_value(schema: &TypeSchema, key: &str, value: Option<&str>) -> Result<String, String> {
     if schema.option(key).is_none() {
         return Err(format!("unexpected property '{key}'"));
     }
@@ -755,8 +787,8 @@ impl StorageSection {
     /// Invalid storage id, unsupported type.
     pub fn new(storage_type: &str, id: &str) -> Result<Self, ConfigError> {
         volid::parse_storage_id(id)?;
-        let schema =
-            type_schema(storage_type).ok_or_else(|| ConfigError::UnknownType(storage_type.into()))?;
+        let schema = type_schema(storage_type)
+            .ok_or_else(|| ConfigError::UnknownType(storage_type.into()))?;
         let mut s = Self {
             storage_type: storage_type.to_string(),
             id: id.to_string(),
@@ -899,8 +931,12 @@ impl StorageSection {
                 if set.contains(&ContentType::None) && set.len() > 1 {
                     return Err("unable to combine 'none' with other content types".to_string());
                 }
-                if set.is_empty() && !schema.supports_content(ContentType::None) {
-                    return Err("storage does not support content type 'none'".to_string());
+                if set.is_empty() {
+                    if !schema.supports_content(ContentType::None) {
+                        return Err("storage does not support content type 'none'".to_string());
+                    }
+                    // PVE keeps `{}` and writes it as `none`; store what re-parses.
+                    set.insert(ContentType::None);
                 }
                 self.content = set;
             }
@@ -925,6 +961,10 @@ impl StorageSection {
             }
             "format" if !schema.formats.contains(&value.as_str()) => {
                 warnings.push(format!("storage does not support format '{value}'"));
+            }
+            // `disable 0` is never written by PVE; not storing it keeps parse(print(x)) == x.
+            "disable" if value == "0" => {
+                self.values.remove(key);
             }
             _ => {
                 self.values.insert(key.to_string(), value);
@@ -1005,8 +1045,10 @@ pub struct StorageConfig {
 }
 
 static HEADER_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!(r"^({NS}+):[ \t\n\r\x0B\x0C]*({NS}+)[ \t\n\r\x0B\x0C]*$"))
-        .expect("static regex")
+    Regex::new(&format!(
+        r"^({NS}+):[ \t\n\r\x0B\x0C]*({NS}+)[ \t\n\r\x0B\x0C]*$"
+    ))
+    .expect("static regex")
 });
 static PROPERTY_RE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(&format!(
@@ -1324,21 +1366,43 @@ garbage line\n";
         let (cfg, w) = parse(text);
         let f = "file /etc/pve/storage.cfg";
         let expected = vec![
-            format!("{f} line 2 (skip section '1bad'): storage ID '1bad' contains illegal characters"),
+            format!(
+                "{f} line 2 (skip section '1bad'): storage ID '1bad' contains illegal characters"
+            ),
             format!("{f} line 5 (skip section 's1'): unsupported type 'foo'"),
-            format!("{f} line 10 (section 'd1') - unable to parse value of 'bogus': unexpected property 'bogus'"),
-            format!("{f} line 11 (section 'd1') - unable to parse value of 'path': duplicate attribute"),
-            format!("{f} line 12 (section 'd1') - unable to parse value of 'shared': type check ('boolean') failed - got 'yes'"),
-            format!("{f} line 13 (section 'd1') - unable to parse value of 'content': invalid format - invalid content type 'foo'"),
-            format!("{f} line 14 (section 'd1') - unable to parse value of 'max-protected-backups': value must have a minimum value of -1"),
+            format!(
+                "{f} line 10 (section 'd1') - unable to parse value of 'bogus': unexpected property 'bogus'"
+            ),
+            format!(
+                "{f} line 11 (section 'd1') - unable to parse value of 'path': duplicate attribute"
+            ),
+            format!(
+                "{f} line 12 (section 'd1') - unable to parse value of 'shared': type check ('boolean') failed - got 'yes'"
+            ),
+            format!(
+                "{f} line 13 (section 'd1') - unable to parse value of 'content': invalid format - invalid content type 'foo'"
+            ),
+            format!(
+                "{f} line 14 (section 'd1') - unable to parse value of 'max-protected-backups': value must have a minimum value of -1"
+            ),
             "storage does not support content type 'backup'".to_string(),
-            format!("{f} line 22 (skip section 't2'): missing value for required option 'thinpool'"),
-            format!("{f} line 26 (skip section 'd2'): unable to combine 'none' with other content types"),
+            format!(
+                "{f} line 22 (skip section 't2'): missing value for required option 'thinpool'"
+            ),
+            format!(
+                "{f} line 26 (skip section 'd2'): unable to combine 'none' with other content types"
+            ),
             "storage does not support content type 'iso'".to_string(),
-            format!("{f} line 31 (skip section 't3'): storage does not support content type 'none'"),
+            format!(
+                "{f} line 31 (skip section 't3'): storage does not support content type 'none'"
+            ),
             format!("{f} line 35 (section 'd3') - ignore config line: not indented"),
-            format!("{f} line 36 (section 'd3') - unable to parse value of 'prune-backups': invalid format - format error\nkeephourly: property is not defined in schema and the schema does not allow additional properties"),
-            format!("{f} line 37 (section 'd3') - unable to parse value of 'sparse': unexpected property 'sparse'"),
+            format!(
+                "{f} line 36 (section 'd3') - unable to parse value of 'prune-backups': invalid format - format error\nkeephourly: property is not defined in schema and the schema does not allow additional properties"
+            ),
+            format!(
+                "{f} line 37 (section 'd3') - unable to parse value of 'sparse': unexpected property 'sparse'"
+            ),
             format!("{f} line 39 - ignore config line: garbage line"),
         ];
         assert_eq!(w, expected);
@@ -1348,7 +1412,10 @@ garbage line\n";
         // unparsable content line dropped -> default content
         assert_eq!(d1.content(), &[C::Images, C::Rootdir].into_iter().collect());
         assert_eq!(d1.get("path"), Some("/d1"));
-        assert_eq!(cfg.get("t1").unwrap().content(), &[C::Images].into_iter().collect());
+        assert_eq!(
+            cfg.get("t1").unwrap().content(),
+            &[C::Images].into_iter().collect()
+        );
         // d3 keeps its valid keys, gets the default content
         assert_eq!(cfg.get("d3").unwrap().prune_backups(), None);
     }
@@ -1378,8 +1445,10 @@ garbage line\n";
              DIR: up1\n\tpath /up\n\tnodes n1;bad_node n2\n\tcontent-dirs backup=bk,iso=isos\n\tformat qcow9\n",
         );
         assert!(
-            w == ["file /etc/pve/storage.cfg line 12 (section 'up1') - unable to parse value of 'nodes': invalid format - value does not look like a valid node name",
-                  "file /etc/pve/storage.cfg line 14 (section 'up1') - unable to parse value of 'format': value 'qcow9' does not have a value in the enumeration 'raw, qcow2, subvol, vmdk'"],
+            w == [
+                "file /etc/pve/storage.cfg line 12 (section 'up1') - unable to parse value of 'nodes': invalid format - value does not look like a valid node name",
+                "file /etc/pve/storage.cfg line 14 (section 'up1') - unable to parse value of 'format': value 'qcow9' does not have a value in the enumeration 'raw, qcow2, subvol, vmdk'"
+            ],
             "{w:?}"
         );
         let n1 = cfg.get("n1").unwrap();
@@ -1413,7 +1482,10 @@ garbage line\n";
             ["storage does not support content type 'images'"]
         );
         cfg.add_section(s.clone()).unwrap();
-        assert!(matches!(cfg.add_section(s), Err(ConfigError::AlreadyExists(_))));
+        assert!(matches!(
+            cfg.add_section(s),
+            Err(ConfigError::AlreadyExists(_))
+        ));
         assert_eq!(
             cfg.print(),
             "dir: local\n\tpath /var/lib/vz\n\tcontent backup,images,iso,rootdir,snippets,vztmpl\n\tprune-backups keep-all=1\n\n\
@@ -1426,6 +1498,19 @@ garbage line\n";
         assert!(cfg.remove("dd").is_none());
         assert!(StorageSection::new("weird", "w1").is_err());
         assert!(StorageSection::new("dir", "w").is_err());
+    }
+
+    #[test]
+    fn fixed_points() {
+        // all content unsupported on a type that allows none -> none
+        let (cfg, w) = parse("iscsi: s1\n\tportal p\n\ttarget t\n\tcontent backup\n\tdisable 0\n");
+        assert_eq!(w, ["storage does not support content type 'backup'"]);
+        let s = cfg.get("s1").unwrap();
+        assert_eq!(s.content(), &[C::None].into_iter().collect());
+        assert_eq!(s.get("disable"), None);
+        let (again, w) = parse(&cfg.print());
+        assert!(w.is_empty());
+        assert_eq!(again, cfg);
     }
 
     #[test]

@@ -45,7 +45,11 @@ pub enum StorageError {
 impl StorageError {
     /// An I/O error on `path` while doing `what`.
     pub fn io(what: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { what: what.into(), path: path.into(), source }
+        Self::Io {
+            what: what.into(),
+            path: path.into(),
+            source,
+        }
     }
 }
 

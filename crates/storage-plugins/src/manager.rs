@@ -45,13 +45,24 @@ impl Storages {
             Err(e) => return Err(StorageError::io("unable to read", &path, e)),
         };
         cfg.ensure_local(layout.default_local_path());
-        Ok((Self { layout, cfg, runner }, warnings))
+        Ok((
+            Self {
+                layout,
+                cfg,
+                runner,
+            },
+            warnings,
+        ))
     }
 
     /// A view over an already parsed configuration.
     #[must_use]
     pub fn with_config(layout: Layout, cfg: StorageConfig, runner: Arc<dyn Runner>) -> Self {
-        Self { layout, cfg, runner }
+        Self {
+            layout,
+            cfg,
+            runner,
+        }
     }
 
     /// The parsed configuration.
@@ -89,7 +100,9 @@ impl Storages {
     pub fn plugin(&self, storeid: &str) -> Result<Arc<dyn StoragePlugin>> {
         let section = self.section(storeid)?;
         if section.is_disabled() {
-            return Err(StorageError::Invalid(format!("storage '{storeid}' is disabled")));
+            return Err(StorageError::Invalid(format!(
+                "storage '{storeid}' is disabled"
+            )));
         }
         plugin_for(section, Arc::clone(&self.runner))
     }
@@ -202,7 +215,11 @@ impl Storages {
     /// # Errors
     /// On timeout.
     pub fn lock_storage(&self, storeid: &str) -> Result<FileLock> {
-        FileLock::acquire(&self.layout.storage_lock(storeid), STORAGE_LOCK_TIMEOUT, false)
-            .map_err(|e| StorageError::Failed(e.to_string()))
+        FileLock::acquire(
+            &self.layout.storage_lock(storeid),
+            STORAGE_LOCK_TIMEOUT,
+            false,
+        )
+        .map_err(|e| StorageError::Failed(e.to_string()))
     }
 }

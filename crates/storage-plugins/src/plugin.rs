@@ -215,7 +215,9 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
         snapname: Option<&str>,
     ) -> Result<bool> {
         let p = self.parse_volname(volname)?;
-        Ok(self.features().has(feature, VolumeState::of(p.is_base, snapname), &p.format))
+        Ok(self
+            .features()
+            .has(feature, VolumeState::of(p.is_base, snapname), &p.format))
     }
 
     /// Whether snapshots of running containers' volumes need a filesystem freeze (RBD).
@@ -289,7 +291,10 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
         vmid: Option<u32>,
         content: &[ContentType],
     ) -> Result<Vec<VolumeInfo>> {
-        if content.iter().any(|c| matches!(c, ContentType::Images | ContentType::Rootdir)) {
+        if content
+            .iter()
+            .any(|c| matches!(c, ContentType::Images | ContentType::Rootdir))
+        {
             self.list_images(vmid).await
         } else {
             Ok(Vec::new())
@@ -327,7 +332,9 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Unsupported unless the backend overrides it.
     async fn volume_snapshot(&self, _volname: &str, _snap: &str) -> Result<()> {
-        Err(StorageError::Unsupported("can't snapshot this image format".into()))
+        Err(StorageError::Unsupported(
+            "can't snapshot this image format".into(),
+        ))
     }
 
     /// Checks that rolling back to `snap` is possible; returns the newer snapshots that
@@ -335,8 +342,14 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
     ///
     /// # Errors
     /// PVE's messages when the rollback is impossible.
-    async fn volume_rollback_is_possible(&self, _volname: &str, _snap: &str) -> Result<Vec<String>> {
-        Err(StorageError::Unsupported("can't rollback snapshot this image format".into()))
+    async fn volume_rollback_is_possible(
+        &self,
+        _volname: &str,
+        _snap: &str,
+    ) -> Result<Vec<String>> {
+        Err(StorageError::Unsupported(
+            "can't rollback snapshot this image format".into(),
+        ))
     }
 
     /// Rolls a volume back to a snapshot.
@@ -344,7 +357,9 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Unsupported unless the backend overrides it.
     async fn volume_snapshot_rollback(&self, _volname: &str, _snap: &str) -> Result<()> {
-        Err(StorageError::Unsupported("can't rollback snapshot this image format".into()))
+        Err(StorageError::Unsupported(
+            "can't rollback snapshot this image format".into(),
+        ))
     }
 
     /// Deletes a snapshot.
@@ -352,7 +367,9 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Unsupported unless the backend overrides it.
     async fn volume_snapshot_delete(&self, _volname: &str, _snap: &str) -> Result<()> {
-        Err(StorageError::Unsupported("can't delete snapshot for this image format".into()))
+        Err(StorageError::Unsupported(
+            "can't delete snapshot for this image format".into(),
+        ))
     }
 
     /// Lists a volume's snapshots, oldest first.
@@ -369,7 +386,9 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Unsupported unless the backend overrides it.
     async fn clone_image(&self, _volname: &str, _vmid: u32, _snap: Option<&str>) -> Result<String> {
-        Err(StorageError::Unsupported("clone_image is not implemented for this storage".into()))
+        Err(StorageError::Unsupported(
+            "clone_image is not implemented for this storage".into(),
+        ))
     }
 
     /// Converts a volume into a base (template) volume; returns the new volume name.
@@ -377,7 +396,9 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Unsupported unless the backend overrides it.
     async fn create_base(&self, _volname: &str) -> Result<String> {
-        Err(StorageError::Unsupported("create_base is not implemented for this storage".into()))
+        Err(StorageError::Unsupported(
+            "create_base is not implemented for this storage".into(),
+        ))
     }
 
     /// Reads a backup volume attribute.
@@ -402,7 +423,9 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
         _attr: VolumeAttribute,
         _value: Option<&str>,
     ) -> Result<()> {
-        Err(StorageError::Unsupported("attributes are not supported on this storage".into()))
+        Err(StorageError::Unsupported(
+            "attributes are not supported on this storage".into(),
+        ))
     }
 
     /// The directory backups are written to, for storages that hold backup archives as files.

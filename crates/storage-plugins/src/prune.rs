@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
-use jiff::tz::TimeZone;
 use jiff::Timestamp;
+use jiff::tz::TimeZone;
 use serde::{Serialize, Serializer};
 
 use crate::backup::archive_info_in;
@@ -164,16 +164,25 @@ impl PruneOptions {
                 match parse_boolean(v) {
                     Some(b) => opts.keep_all = Some(b),
                     None => {
-                        errors.insert(k.clone(), format!("type check ('boolean') failed - got '{v}'"));
+                        errors.insert(
+                            k.clone(),
+                            format!("type check ('boolean') failed - got '{v}'"),
+                        );
                     }
                 }
             } else if let Some(slot) = opts.count_mut(k) {
                 match parse_integer(v) {
                     None => {
-                        errors.insert(k.clone(), format!("type check ('integer') failed - got '{v}'"));
+                        errors.insert(
+                            k.clone(),
+                            format!("type check ('integer') failed - got '{v}'"),
+                        );
                     }
                     Some(n) if n < 0 => {
-                        errors.insert(k.clone(), "value must have a minimum value of 0".to_string());
+                        errors.insert(
+                            k.clone(),
+                            "value must have a minimum value of 0".to_string(),
+                        );
                     }
                     Some(n) => *slot = Some(u64::try_from(n).unwrap_or(u64::MAX)),
                 }
@@ -478,16 +487,34 @@ mod tests {
     #[test]
     fn parse_errors() {
         let cases = [
-            ("keep-all=1,keep-last=1", "keep-all cannot be set together with other options."),
+            (
+                "keep-all=1,keep-last=1",
+                "keep-all cannot be set together with other options.",
+            ),
             (
                 "foo=bar",
                 "format error\nfoo: property is not defined in schema and the schema does not allow additional properties",
             ),
-            ("keep-last=x", "format error\nkeep-last: type check ('integer') failed - got 'x'"),
-            ("keep-last=-1", "format error\nkeep-last: value must have a minimum value of 0"),
-            ("keep-all=maybe", "format error\nkeep-all: type check ('boolean') failed - got 'maybe'"),
-            ("keep-last=1,keep-last=2", "duplicate key in comma-separated list property: keep-last"),
-            ("keep-last", "value without key, but schema does not define a default key"),
+            (
+                "keep-last=x",
+                "format error\nkeep-last: type check ('integer') failed - got 'x'",
+            ),
+            (
+                "keep-last=-1",
+                "format error\nkeep-last: value must have a minimum value of 0",
+            ),
+            (
+                "keep-all=maybe",
+                "format error\nkeep-all: type check ('boolean') failed - got 'maybe'",
+            ),
+            (
+                "keep-last=1,keep-last=2",
+                "duplicate key in comma-separated list property: keep-last",
+            ),
+            (
+                "keep-last",
+                "value without key, but schema does not define a default key",
+            ),
             ("keep-last=", "missing key in comma-separated list property"),
             // no trimming of keys, as in PVE
             (
@@ -496,7 +523,11 @@ mod tests {
             ),
         ];
         for (input, msg) in cases {
-            assert_eq!(PruneOptions::parse(input).unwrap_err().to_string(), msg, "{input}");
+            assert_eq!(
+                PruneOptions::parse(input).unwrap_err().to_string(),
+                msg,
+                "{input}"
+            );
         }
     }
 

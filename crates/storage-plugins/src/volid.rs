@@ -103,7 +103,8 @@ pub fn parse_storage_id(id: &str) -> Result<&str, VolumeError> {
 /// [`VolumeError::Vmid`] if the value is not a valid VMID.
 pub fn verify_vmid(vmid: &str) -> Result<u32, VolumeError> {
     if VMID_RE.is_match(vmid) {
-        vmid.parse().map_err(|_| VolumeError::Vmid(vmid.to_string()))
+        vmid.parse()
+            .map_err(|_| VolumeError::Vmid(vmid.to_string()))
     } else {
         Err(VolumeError::Vmid(vmid.to_string()))
     }
@@ -116,7 +117,8 @@ pub fn verify_vmid(vmid: &str) -> Result<u32, VolumeError> {
 /// [`VolumeError::VmidChars`].
 pub fn parse_vmid(vmid: &str) -> Result<u32, VolumeError> {
     if DIGITS_RE.is_match(vmid) {
-        vmid.parse().map_err(|_| VolumeError::VmidChars(vmid.to_string()))
+        vmid.parse()
+            .map_err(|_| VolumeError::VmidChars(vmid.to_string()))
     } else {
         Err(VolumeError::VmidChars(vmid.to_string()))
     }
@@ -548,10 +550,10 @@ pub fn filesystem_path(
         return Err(VolumeError::CantSnapshot);
     }
     let mut dir = get_subdir(path, content_dirs, p.vtype.as_str())?;
-    if p.vtype == VolumeType::Images {
-        if let Some(vmid) = p.vmid {
-            dir = format!("{dir}/{vmid}");
-        }
+    if p.vtype == VolumeType::Images
+        && let Some(vmid) = p.vmid
+    {
+        dir = format!("{dir}/{vmid}");
     }
     Ok(VolumePath {
         path: PathBuf::from(format!("{dir}/{}", p.name)),
@@ -577,11 +579,11 @@ pub fn path_to_volume_id(
     path: &str,
 ) -> Result<Option<(VolumeType, String)>, VolumeError> {
     if let Ok(volid) = VolumeId::parse(path) {
-        if let Some(scfg) = cfg.get(&volid.storage) {
-            if scfg.path().is_some() {
-                let p = parse_volname_dir(&volid.volname)?;
-                return Ok(Some((p.vtype, path.to_string())));
-            }
+        if let Some(scfg) = cfg.get(&volid.storage)
+            && scfg.path().is_some()
+        {
+            let p = parse_volname_dir(&volid.volname)?;
+            return Ok(Some((p.vtype, path.to_string())));
         }
         return Ok(None);
     }
@@ -604,52 +606,51 @@ pub fn path_to_volume_id(
                 .map(str::to_string))
         };
 
-        if let Some(r) = rel(VolumeType::Images)? {
-            if let Some((vmid, name)) = r.split_once('/') {
-                if DIGITS_RE.is_match(vmid)
-                    && !name.is_empty()
-                    && !name.contains('/')
-                    && !name.chars().any(is_perl_space)
-                {
-                    // PVE's branch for this pattern consults list_images and otherwise
-                    // moves on to the next storage.
-                    if parse_name_dir(name).is_ok() {
-                        return Ok(Some((VolumeType::Images, format!("{sid}:{vmid}/{name}"))));
-                    }
-                    continue;
-                }
+        if let Some(r) = rel(VolumeType::Images)?
+            && let Some((vmid, name)) = r.split_once('/')
+            && DIGITS_RE.is_match(vmid)
+            && !name.is_empty()
+            && !name.contains('/')
+            && !name.chars().any(is_perl_space)
+        {
+            // PVE's branch for this pattern consults list_images and otherwise moves on
+            // to the next storage.
+            if parse_name_dir(name).is_ok() {
+                return Ok(Some((VolumeType::Images, format!("{sid}:{vmid}/{name}"))));
             }
+            continue;
         }
         let file_in = |r: &str, re: &Regex| !r.contains('/') && re.is_match(r);
-        if let Some(r) = rel(VolumeType::Iso)? {
-            if file_in(&r, &ISO_FILE_RE) {
-                return Ok(Some((VolumeType::Iso, format!("{sid}:iso/{r}"))));
-            }
+        if let Some(r) = rel(VolumeType::Iso)?
+            && file_in(&r, &ISO_FILE_RE)
+        {
+            return Ok(Some((VolumeType::Iso, format!("{sid}:iso/{r}"))));
         }
-        if let Some(r) = rel(VolumeType::Vztmpl)? {
-            if file_in(&r, &VZTMPL_FILE_RE) {
-                return Ok(Some((VolumeType::Vztmpl, format!("{sid}:vztmpl/{r}"))));
-            }
+        if let Some(r) = rel(VolumeType::Vztmpl)?
+            && file_in(&r, &VZTMPL_FILE_RE)
+        {
+            return Ok(Some((VolumeType::Vztmpl, format!("{sid}:vztmpl/{r}"))));
         }
-        if let Some(r) = rel(VolumeType::Rootdir)? {
-            if DIGITS_RE.is_match(&r) {
-                return Ok(Some((VolumeType::Rootdir, format!("{sid}:rootdir/{r}"))));
-            }
+        if let Some(r) = rel(VolumeType::Rootdir)?
+            && DIGITS_RE.is_match(&r)
+        {
+            return Ok(Some((VolumeType::Rootdir, format!("{sid}:rootdir/{r}"))));
         }
-        if let Some(r) = rel(VolumeType::Backup)? {
-            if file_in(&r, &BACKUP_FILE_RE) {
-                return Ok(Some((VolumeType::Backup, format!("{sid}:backup/{r}"))));
-            }
+        if let Some(r) = rel(VolumeType::Backup)?
+            && file_in(&r, &BACKUP_FILE_RE)
+        {
+            return Ok(Some((VolumeType::Backup, format!("{sid}:backup/{r}"))));
         }
-        if let Some(r) = rel(VolumeType::Snippets)? {
-            if !r.is_empty() && !r.contains('/') {
-                return Ok(Some((VolumeType::Snippets, format!("{sid}:snippets/{r}"))));
-            }
+        if let Some(r) = rel(VolumeType::Snippets)?
+            && !r.is_empty()
+            && !r.contains('/')
+        {
+            return Ok(Some((VolumeType::Snippets, format!("{sid}:snippets/{r}"))));
         }
-        if let Some(r) = rel(VolumeType::Import)? {
-            if IMPORT_FILE_RE.is_match(&r) {
-                return Ok(Some((VolumeType::Import, format!("{sid}:import/{r}"))));
-            }
+        if let Some(r) = rel(VolumeType::Import)?
+            && IMPORT_FILE_RE.is_match(&r)
+        {
+            return Ok(Some((VolumeType::Import, format!("{sid}:import/{r}"))));
         }
     }
     Ok(None)
@@ -733,7 +734,16 @@ mod tests {
 
     #[test]
     fn volume_id_errors() {
-        for bad in ["", "local", "local:", "1local:x", "l:x", "local-:x", "/var/lib:x", "a1:x\n"] {
+        for bad in [
+            "",
+            "local",
+            "local:",
+            "1local:x",
+            "l:x",
+            "local-:x",
+            "/var/lib:x",
+            "a1:x\n",
+        ] {
             assert_eq!(
                 VolumeId::parse(bad).unwrap_err().to_string(),
                 format!("unable to parse volume ID '{bad}'")
@@ -803,7 +813,10 @@ mod tests {
     #[test]
     fn lvmthin() {
         let p = parse_volname_lvmthin("vm-100-disk-0").unwrap();
-        assert_eq!((p.name.as_str(), p.vmid, p.is_base), ("vm-100-disk-0", Some(100), false));
+        assert_eq!(
+            (p.name.as_str(), p.vmid, p.is_base),
+            ("vm-100-disk-0", Some(100), false)
+        );
         assert!(parse_volname_lvmthin("base-100-disk-0").unwrap().is_base);
         assert_eq!(
             parse_volname_lvmthin("snap_vm-100-disk-0_x")
@@ -812,7 +825,9 @@ mod tests {
             "unable to parse lvm volume name 'snap_vm-100-disk-0_x'"
         );
         assert_eq!(
-            parse_volname_lvmthin("vm-100/disk").unwrap_err().to_string(),
+            parse_volname_lvmthin("vm-100/disk")
+                .unwrap_err()
+                .to_string(),
             "lvm name 'vm-100/disk' contains illegal characters"
         );
     }
@@ -820,7 +835,10 @@ mod tests {
     #[test]
     fn zfspool() {
         let p = parse_volname_zfspool("subvol-100-disk-0").unwrap();
-        assert_eq!((p.format.as_str(), p.is_base, p.vmid), ("subvol", false, Some(100)));
+        assert_eq!(
+            (p.format.as_str(), p.is_base, p.vmid),
+            ("subvol", false, Some(100))
+        );
         let p = parse_volname_zfspool("basevol-200-disk-0/subvol-201-disk-0").unwrap();
         assert_eq!(p.name, "subvol-201-disk-0");
         assert_eq!(p.basename.as_deref(), Some("basevol-200-disk-0"));
@@ -837,7 +855,9 @@ mod tests {
         );
         // `\S+` includes '/', so this is one (odd) name, as in PVE
         assert_eq!(
-            parse_volname_zfspool("vm-100-disk-0/vm-101-disk-0").unwrap().name,
+            parse_volname_zfspool("vm-100-disk-0/vm-101-disk-0")
+                .unwrap()
+                .name,
             "vm-100-disk-0/vm-101-disk-0"
         );
     }
@@ -854,7 +874,9 @@ mod tests {
         // the regex lets `-<vmid>-...` through without a prefix, like PVE
         assert_eq!(parse_volname_rbd("-100-x").unwrap().vmid, Some(100));
         assert_eq!(
-            parse_volname_rbd("subvol-100-disk-0").unwrap_err().to_string(),
+            parse_volname_rbd("subvol-100-disk-0")
+                .unwrap_err()
+                .to_string(),
             "unable to parse rbd volume name 'subvol-100-disk-0'"
         );
     }
@@ -867,16 +889,64 @@ mod tests {
     fn diskname() {
         let cases: &[(&[&str], &str, bool, bool, &str)] = &[
             (&[], "raw", true, true, "vm-100-disk-0.raw"),
-            (&["local:100/vm-100-disk-0.raw"], "raw", true, true, "vm-100-disk-1.raw"),
-            (&["local:100/subvol-100-disk-0.subvol"], "subvol", true, true, "subvol-100-disk-1.subvol"),
-            (&["local:100/vm-100-disk-0.qcow2"], "raw", true, true, "vm-100-disk-1.raw"),
+            (
+                &["local:100/vm-100-disk-0.raw"],
+                "raw",
+                true,
+                true,
+                "vm-100-disk-1.raw",
+            ),
+            (
+                &["local:100/subvol-100-disk-0.subvol"],
+                "subvol",
+                true,
+                true,
+                "subvol-100-disk-1.subvol",
+            ),
+            (
+                &["local:100/vm-100-disk-0.qcow2"],
+                "raw",
+                true,
+                true,
+                "vm-100-disk-1.raw",
+            ),
             (&["vm-100-disk-0"], "raw", false, false, "vm-100-disk-1"),
-            (&["vm-100-disk-0.qcow2"], "raw", true, false, "vm-100-disk-0.raw"),
+            (
+                &["vm-100-disk-0.qcow2"],
+                "raw",
+                true,
+                false,
+                "vm-100-disk-0.raw",
+            ),
             (&["vm-100-disk-01"], "raw", false, false, "vm-100-disk-0"),
-            (&["vm-100-disk-0", "vm-100-disk-01"], "raw", false, false, "vm-100-disk-1"),
-            (&["vm-1000-disk-0", "vm-10-disk-0"], "raw", false, false, "vm-100-disk-0"),
-            (&["base-100-disk-0", "vm-100-disk-2"], "raw", false, false, "vm-100-disk-1"),
-            (&["subvol-100-disk-0"], "subvol", false, true, "subvol-100-disk-1"),
+            (
+                &["vm-100-disk-0", "vm-100-disk-01"],
+                "raw",
+                false,
+                false,
+                "vm-100-disk-1",
+            ),
+            (
+                &["vm-1000-disk-0", "vm-10-disk-0"],
+                "raw",
+                false,
+                false,
+                "vm-100-disk-0",
+            ),
+            (
+                &["base-100-disk-0", "vm-100-disk-2"],
+                "raw",
+                false,
+                false,
+                "vm-100-disk-1",
+            ),
+            (
+                &["subvol-100-disk-0"],
+                "subvol",
+                false,
+                true,
+                "subvol-100-disk-1",
+            ),
             (&["subvol-100-disk-0"], "raw", false, false, "vm-100-disk-0"),
         ];
         for (existing, fmt, suffix, subvol, expected) in cases {

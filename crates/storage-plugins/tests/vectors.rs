@@ -161,7 +161,10 @@ fn upstream_path_to_volume_id() {
     }
     assert_eq!(n, 29);
     // volids on unknown or path-less storages do not map
-    assert_eq!(volid::path_to_volume_id(&cfg, "other:backup/x.tar").unwrap(), None);
+    assert_eq!(
+        volid::path_to_volume_id(&cfg, "other:backup/x.tar").unwrap(),
+        None
+    );
     assert!(volid::path_to_volume_id(&cfg, "local:bogus").is_err());
     assert_eq!(
         volid::path_to_volume_id(&cfg, &format!("{dir}/private/101")).unwrap(),

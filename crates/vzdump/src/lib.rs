@@ -1,1 +1,4 @@
-//! vzkit crate.
+//! vzdump for containers: job options, `/etc/vzdump.conf` and (later) the backup driver.
+
+pub mod conf;
+pub mod options;

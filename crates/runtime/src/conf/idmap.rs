@@ -231,7 +231,11 @@ impl IdMap {
                     .enumerate()
                     .filter(|(_, e)| e.kind == kind)
                     .map(|(i, e)| {
-                        let start = if side == "host" { e.host_start } else { e.ct_start };
+                        let start = if side == "host" {
+                            e.host_start
+                        } else {
+                            e.ct_start
+                        };
                         (start, e.count, i)
                     })
                     .collect();

@@ -23,10 +23,11 @@ use super::error::ConfError;
 use super::propstring::{self, PropDesc, PropType};
 
 /// Mount options PVE passes through (`$valid_mount_option_re`).
-pub const MOUNT_OPTIONS: [&str; 6] = ["discard", "lazytime", "noatime", "nodev", "noexec", "nosuid"];
+pub const MOUNT_OPTIONS: [&str; 6] = [
+    "discard", "lazytime", "noatime", "nodev", "noexec", "nosuid",
+];
 
-const MOUNT_OPTIONS_PATTERN: &str =
-    "(discard|lazytime|noatime|nodev|noexec|nosuid)(;(discard|lazytime|noatime|nodev|noexec|nosuid))*";
+const MOUNT_OPTIONS_PATTERN: &str = "(discard|lazytime|noatime|nodev|noexec|nosuid)(;(discard|lazytime|noatime|nodev|noexec|nosuid))*";
 
 /// `verify_lxc_mp_string`: rejects `/./`, `/../`, a trailing `/.` or `/..` and a leading
 /// `../`.
@@ -442,8 +443,16 @@ mod tests {
     fn parses_and_prints_pve_examples() {
         let cases: &[(&str, &str, bool)] = &[
             ("rootfs", "local-lvm:vm-100-disk-0,size=8G", true),
-            ("mp0", "local-lvm:vm-100-disk-1,mp=/mnt/data,backup=1,size=32G", false),
-            ("mp1", "local-zfs:subvol-100-disk-0,mp=/srv,acl=1,size=0T", false),
+            (
+                "mp0",
+                "local-lvm:vm-100-disk-1,mp=/mnt/data,backup=1,size=32G",
+                false,
+            ),
+            (
+                "mp1",
+                "local-zfs:subvol-100-disk-0,mp=/srv,acl=1,size=0T",
+                false,
+            ),
             ("mp2", "/mnt/bindmounts/shared,mp=/shared,ro=1", false),
             ("mp3", "/dev/sdb1,mp=/mnt/dev,quota=1", false),
             (
@@ -451,7 +460,11 @@ mod tests {
                 "local:100/vm-100-disk-0.raw,mp=/a,mountoptions=noatime;nodev,replicate=0",
                 false,
             ),
-            ("rootfs", "local:1,idmap=u:0:100000:65536;g:0:100000:65536", true),
+            (
+                "rootfs",
+                "local:1,idmap=u:0:100000:65536;g:0:100000:65536",
+                true,
+            ),
         ];
         for (key, text, nomp) in cases {
             let mp = parse_volume(key, text).expect(text);
@@ -462,7 +475,10 @@ mod tests {
     #[test]
     fn print_orders_volume_then_mp_then_sorted() {
         let mp = parse_mp("size=1G,backup=yes,mp=/x,ro=on,vol:1,acl=0").expect("parse");
-        assert_eq!(mp.print(false).expect("print"), "vol:1,mp=/x,acl=0,backup=1,ro=1,size=1G");
+        assert_eq!(
+            mp.print(false).expect("print"),
+            "vol:1,mp=/x,acl=0,backup=1,ro=1,size=1G"
+        );
         assert_eq!(mp.kind(), MountPointKind::Volume);
         assert_eq!(mp.size, Some(1 << 30));
         let rootfs = parse_rootfs("vol:1,size=1073741825").expect("parse");
@@ -477,40 +493,74 @@ mod tests {
         assert_eq!(classify_mountpoint("local:1"), MountPointKind::Volume);
         let bind = parse_mp("/srv,mp=/srv,backup=1").expect("parse");
         assert!(!bind.backup_enabled("mp0"));
-        assert!(parse_mp("s:v,mp=/a,backup=1").expect("parse").backup_enabled("mp0"));
+        assert!(
+            parse_mp("s:v,mp=/a,backup=1")
+                .expect("parse")
+                .backup_enabled("mp0")
+        );
         assert!(!parse_mp("s:v,mp=/a").expect("parse").backup_enabled("mp0"));
-        assert!(parse_rootfs("/srv").expect("parse").backup_enabled("rootfs"));
+        assert!(
+            parse_rootfs("/srv")
+                .expect("parse")
+                .backup_enabled("rootfs")
+        );
     }
 
     #[test]
     fn reports_pve_errors() {
         let cases: &[(&str, &str)] = &[
-            ("s:v,mp=/a,mp=/b", "duplicate key in comma-separated list property: mp"),
-            ("s:v,t:w,mp=/a", "duplicate key in comma-separated list property: volume"),
+            (
+                "s:v,mp=/a,mp=/b",
+                "duplicate key in comma-separated list property: mp",
+            ),
+            (
+                "s:v,t:w,mp=/a",
+                "duplicate key in comma-separated list property: volume",
+            ),
             (
                 "s:v,mp=/a,foo=1",
                 "format error\nfoo: property is not defined in schema and the schema does not \
                  allow additional properties",
             ),
-            ("s:v", "format error\nmp: property is missing and it is not optional"),
+            (
+                "s:v",
+                "format error\nmp: property is missing and it is not optional",
+            ),
             ("s:v,mp=/a,size=12X", "invalid size: 12X"),
-            ("s:v,mp=/a/../b", "format error\nmp: /a/../b contains illegal character sequences"),
-            ("../x,mp=/a", "format error\nvolume: ../x contains illegal character sequences"),
-            ("s:v,mp=/a/.", "format error\nmp: /a/. contains illegal character sequences"),
-            ("s:v,mp=/a,ro=maybe", "format error\nro: type check ('boolean') failed - got 'maybe'"),
+            (
+                "s:v,mp=/a/../b",
+                "format error\nmp: /a/../b contains illegal character sequences",
+            ),
+            (
+                "../x,mp=/a",
+                "format error\nvolume: ../x contains illegal character sequences",
+            ),
+            (
+                "s:v,mp=/a/.",
+                "format error\nmp: /a/. contains illegal character sequences",
+            ),
+            (
+                "s:v,mp=/a,ro=maybe",
+                "format error\nro: type check ('boolean') failed - got 'maybe'",
+            ),
             (
                 "s:v,mp=/a,mountoptions=noatime;rw",
                 "format error\nmountoptions: value does not match the regex pattern",
             ),
             ("s:v,mp=", "missing key in comma-separated list property"),
-            ("s:v,=x,mp=/a", "missing key in comma-separated list property"),
+            (
+                "s:v,=x,mp=/a",
+                "missing key in comma-separated list property",
+            ),
         ];
         for (text, want) in cases {
             let err = parse_mp(text).expect_err(text);
             assert_eq!(err.to_string(), *want, "{text}");
         }
         assert_eq!(
-            parse_rootfs("s:v,mp=/").expect_err("no mp on rootfs").to_string(),
+            parse_rootfs("s:v,mp=/")
+                .expect_err("no mp on rootfs")
+                .to_string(),
             "format error\nmp: property is not defined in schema and the schema does not allow \
              additional properties"
         );
@@ -518,7 +568,10 @@ mod tests {
             parse_unused("nonsense").expect_err("bad volid").to_string(),
             "format error\nvolume: unable to parse volume ID 'nonsense'"
         );
-        assert_eq!(parse_unused("local:vm-1-disk-0"), Ok("local:vm-1-disk-0".to_string()));
+        assert_eq!(
+            parse_unused("local:vm-1-disk-0"),
+            Ok("local:vm-1-disk-0".to_string())
+        );
         let mut mp = MountPoint::new("s:a,b", "/x");
         assert_eq!(
             mp.print(false).expect_err("comma").to_string(),
@@ -526,7 +579,10 @@ mod tests {
         );
         mp.volume = "s:a".into();
         mp.mp = "/x,y".into();
-        assert_eq!(mp.print(false).expect_err("comma").to_string(), "illegal value with commas for mp");
+        assert_eq!(
+            mp.print(false).expect_err("comma").to_string(),
+            "illegal value with commas for mp"
+        );
     }
 
     #[test]
@@ -538,10 +594,23 @@ mod tests {
 
     #[test]
     fn new_disk_syntax() {
-        assert_eq!(parse_new_disk("local-lvm:8"), Some(("local-lvm".into(), 8 * 1024 * 1024)));
-        assert_eq!(parse_new_disk("local:0.5"), Some(("local".into(), 512 * 1024)));
+        assert_eq!(
+            parse_new_disk("local-lvm:8"),
+            Some(("local-lvm".into(), 8 * 1024 * 1024))
+        );
+        assert_eq!(
+            parse_new_disk("local:0.5"),
+            Some(("local".into(), 512 * 1024))
+        );
         assert_eq!(parse_new_disk("local:0"), Some(("local".into(), 0)));
-        for bad in ["local:vm-100-disk-0", "local:1.", "lo cal:1", ":1", "local:1G", "/srv:1"] {
+        for bad in [
+            "local:vm-100-disk-0",
+            "local:1.",
+            "lo cal:1",
+            ":1",
+            "local:1G",
+            "/srv:1",
+        ] {
             if bad == "/srv:1" {
                 // NEW_DISK_RE only excludes ':' and whitespace from the storage part.
                 assert_eq!(parse_new_disk(bad), Some(("/srv".into(), 1024 * 1024)));

@@ -91,7 +91,13 @@ static NET_SCHEMA: LazyLock<Vec<PropDesc>> = LazyLock::new(|| {
             },
         ),
         PropDesc::new("trunks", PropType::Str).pattern(r"\d+(?:;\d+)*"),
-        PropDesc::new("rate", PropType::Number { min: Some(0.0), max: None }),
+        PropDesc::new(
+            "rate",
+            PropType::Number {
+                min: Some(0.0),
+                max: None,
+            },
+        ),
     ]
 });
 
@@ -314,7 +320,9 @@ pub fn random_ether_addr(prefix: Option<&str>, random: [u8; 6]) -> Result<String
         .join(":");
     match prefix {
         None => Ok(addr),
-        Some(p) if PREFIX_RE.is_match(p) => Ok(format!("{}{}", p.to_ascii_uppercase(), &addr[p.len()..])),
+        Some(p) if PREFIX_RE.is_match(p) => {
+            Ok(format!("{}{}", p.to_ascii_uppercase(), &addr[p.len()..]))
+        }
         Some(p) => Err(ConfError::Invalid(format!("invalid mac prefix '{p}'"))),
     }
 }
@@ -345,10 +353,22 @@ mod tests {
     #[test]
     fn net_errors() {
         let cases: &[(&str, &str)] = &[
-            ("bridge=vmbr0", "format error\nname: property is missing and it is not optional"),
-            ("name=eth0,tag=4095", "format error\ntag: value must have a maximum value of 4094"),
-            ("name=eth0,mtu=10", "format error\nmtu: value must have a minimum value of 64"),
-            ("name=eth0,hwaddr=zz:00:00:00:00:00", "format error\nhwaddr: value does not match the regex pattern"),
+            (
+                "bridge=vmbr0",
+                "format error\nname: property is missing and it is not optional",
+            ),
+            (
+                "name=eth0,tag=4095",
+                "format error\ntag: value must have a maximum value of 4094",
+            ),
+            (
+                "name=eth0,mtu=10",
+                "format error\nmtu: value must have a minimum value of 64",
+            ),
+            (
+                "name=eth0,hwaddr=zz:00:00:00:00:00",
+                "format error\nhwaddr: value does not match the regex pattern",
+            ),
             (
                 "name=eth0,ip=10.0.0.1",
                 "format error\nip: value does not look like a valid ipv4 network configuration",
@@ -357,23 +377,40 @@ mod tests {
                 "name=eth0,type=macvlan",
                 "format error\ntype: value 'macvlan' does not have a value in the enumeration 'veth'",
             ),
-            ("eth0", "value without key, but schema does not define a default key"),
+            (
+                "eth0",
+                "value without key, but schema does not define a default key",
+            ),
         ];
         for (text, want) in cases {
-            assert_eq!(NetConfig::parse(text).expect_err(text).to_string(), *want, "{text}");
+            assert_eq!(
+                NetConfig::parse(text).expect_err(text).to_string(),
+                *want,
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn dev_round_trip_and_errors() {
         let text = "/dev/ttyUSB0,deny-write=1,gid=20,mode=0660,uid=0";
-        assert_eq!(DevConfig::parse(text).expect("parse").print().expect("print"), text);
         assert_eq!(
-            DevConfig::parse("/tmp/x").expect_err("bad path").to_string(),
+            DevConfig::parse(text)
+                .expect("parse")
+                .print()
+                .expect("print"),
+            text
+        );
+        assert_eq!(
+            DevConfig::parse("/tmp/x")
+                .expect_err("bad path")
+                .to_string(),
             "format error\npath: /tmp/x is not a valid device path"
         );
         assert_eq!(
-            DevConfig::parse("/dev/x,mode=777").expect_err("bad mode").to_string(),
+            DevConfig::parse("/dev/x,mode=777")
+                .expect_err("bad mode")
+                .to_string(),
             "format error\nmode: value does not match the regex pattern"
         );
     }
@@ -382,13 +419,22 @@ mod tests {
     fn mac_generation() {
         let r = [0xff, 0x11, 0x22, 0x33, 0x44, 0x55];
         // Multicast bit cleared, locally administered bit set: 0xff -> 0xfe.
-        assert_eq!(random_ether_addr(None, r).expect("mac"), "FE:11:22:33:44:55");
+        assert_eq!(
+            random_ether_addr(None, r).expect("mac"),
+            "FE:11:22:33:44:55"
+        );
         assert_eq!(
             random_ether_addr(Some(DEFAULT_MAC_PREFIX), r).expect("mac"),
             "BC:24:11:33:44:55"
         );
-        assert_eq!(random_ether_addr(Some("0a:bc"), r).expect("mac"), "0A:BC:22:33:44:55");
-        assert!(random_ether_addr(Some("01:00"), r).is_err(), "multicast prefix");
+        assert_eq!(
+            random_ether_addr(Some("0a:bc"), r).expect("mac"),
+            "0A:BC:22:33:44:55"
+        );
+        assert!(
+            random_ether_addr(Some("01:00"), r).is_err(),
+            "multicast prefix"
+        );
         let mac = random_ether_addr(None, [0x01; 6]).expect("mac");
         assert!(NetConfig::parse(&format!("name=eth0,hwaddr={mac}")).is_ok());
     }

@@ -61,10 +61,14 @@ const OSTYPE_VALUES: &[&str] = &[
 const CMODE_VALUES: &[&str] = &["shell", "console", "tty"];
 
 fn verify_rootfs(v: &str) -> Result<(), String> {
-    mountpoint::parse_rootfs(v).map(|_| ()).map_err(|e| e.to_string())
+    mountpoint::parse_rootfs(v)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 fn verify_mp(v: &str) -> Result<(), String> {
-    mountpoint::parse_mp(v).map(|_| ()).map_err(|e| e.to_string())
+    mountpoint::parse_mp(v)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 fn verify_net(v: &str) -> Result<(), String> {
     NetConfig::parse(v).map(|_| ()).map_err(|e| e.to_string())
@@ -132,7 +136,13 @@ pub(crate) fn option_desc(key: &str) -> Option<(PropDesc, Option<usize>)> {
         "console" => b("console"),
         "tty" => PropDesc::new("tty", int(Some(0), Some(6))),
         "cores" => PropDesc::new("cores", int(Some(1), Some(8192))),
-        "cpulimit" => PropDesc::new("cpulimit", PropType::Number { min: Some(0.0), max: Some(8192.0) }),
+        "cpulimit" => PropDesc::new(
+            "cpulimit",
+            PropType::Number {
+                min: Some(0.0),
+                max: Some(8192.0),
+            },
+        ),
         "cpuunits" => PropDesc::new("cpuunits", int(Some(0), Some(500_000))),
         "memory" => PropDesc::new("memory", int(Some(16), None)),
         "swap" => PropDesc::new("swap", int(Some(0), None)),
@@ -245,10 +255,13 @@ pub fn validate(key: &str, value: &str) -> Result<String, ConfError> {
     let Some((desc, max_len)) = option_desc(key) else {
         return Err(ConfError::UnknownSetting(key.to_string()));
     };
-    if let Some(max) = max_len {
-        if value.chars().count() > max {
-            return Err(invalid(key, format!("value may only be {max} characters long")));
-        }
+    if let Some(max) = max_len
+        && value.chars().count() > max
+    {
+        return Err(invalid(
+            key,
+            format!("value may only be {max} characters long"),
+        ));
     }
     propstring::check_value(&desc, &stored).map_err(|m| invalid(key, m))?;
     Ok(stored)
@@ -281,19 +294,47 @@ mod tests {
             ("foo", "1", "unknown setting 'foo'"),
             ("net32", "name=eth0", "unknown setting 'net32'"),
             ("mp256", "s:v,mp=/a", "unknown setting 'mp256'"),
-            ("onboot", "2", "onboot: type check ('boolean') failed - got '2'"),
-            ("memory", "-1", "memory: type check ('integer') failed - got '-1'"),
-            ("cpulimit", "1e3", "cpulimit: type check ('number') failed - got '1e3'"),
+            (
+                "onboot",
+                "2",
+                "onboot: type check ('boolean') failed - got '2'",
+            ),
+            (
+                "memory",
+                "-1",
+                "memory: type check ('integer') failed - got '-1'",
+            ),
+            (
+                "cpulimit",
+                "1e3",
+                "cpulimit: type check ('number') failed - got '1e3'",
+            ),
             ("unused0", "bad", "unused0: unable to parse volume ID 'bad'"),
             ("parent", "1abc", "parent: invalid configuration ID '1abc'"),
-            ("hostname", "bad_name", "hostname: value does not look like a valid DNS name"),
-            ("features", "nesting=2", "features: format error\nnesting: type check ('boolean') failed - got '2'"),
+            (
+                "hostname",
+                "bad_name",
+                "hostname: value does not look like a valid DNS name",
+            ),
+            (
+                "features",
+                "nesting=2",
+                "features: format error\nnesting: type check ('boolean') failed - got '2'",
+            ),
         ];
         for (k, v, want) in parse_cases {
-            assert_eq!(check_type(k, v).expect_err(k).to_string(), *want, "{k}: {v}");
+            assert_eq!(
+                check_type(k, v).expect_err(k).to_string(),
+                *want,
+                "{k}: {v}"
+            );
         }
         let set_cases: &[(&str, &str, &str)] = &[
-            ("memory", "8", "memory: value must have a minimum value of 16"),
+            (
+                "memory",
+                "8",
+                "memory: value must have a minimum value of 16",
+            ),
             ("tty", "7", "tty: value must have a maximum value of 6"),
             (
                 "lock",
@@ -301,8 +342,16 @@ mod tests {
                 "lock: value 'foo' does not have a value in the enumeration 'backup, create, \
                  destroyed, disk, fstrim, migrate, mounted, rollback, snapshot, snapshot-delete'",
             ),
-            ("cmode", "x", "cmode: value 'x' does not have a value in the enumeration 'shell, console, tty'"),
-            ("parent", "a234567890123456789012345678901234567890x", "parent: value may only be 40 characters long"),
+            (
+                "cmode",
+                "x",
+                "cmode: value 'x' does not have a value in the enumeration 'shell, console, tty'",
+            ),
+            (
+                "parent",
+                "a234567890123456789012345678901234567890x",
+                "parent: value may only be 40 characters long",
+            ),
         ];
         for (k, v, want) in set_cases {
             assert_eq!(validate(k, v).expect_err(k).to_string(), *want, "{k}: {v}");

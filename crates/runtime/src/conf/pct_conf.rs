@@ -394,7 +394,8 @@ impl ConfigSection {
     pub fn set_lock(&mut self, lock: Option<Lock>) {
         match lock {
             Some(l) => {
-                self.options.insert("lock".to_string(), l.as_str().to_string());
+                self.options
+                    .insert("lock".to_string(), l.as_str().to_string());
             }
             None => {
                 self.options.remove("lock");
@@ -504,7 +505,9 @@ impl ConfigSection {
     /// # Errors
     /// [`ConfError::InvalidValue`] for a stored value that is not an integer.
     pub fn cores(&self) -> Result<Option<u64>, ConfError> {
-        self.get("cores").map(|_| self.int_opt("cores", 0)).transpose()
+        self.get("cores")
+            .map(|_| self.int_opt("cores", 0))
+            .transpose()
     }
 
     fn int_opt(&self, key: &str, default: u64) -> Result<u64, ConfError> {
@@ -666,7 +669,11 @@ impl ConfigSection {
         )
     }
 
-    fn write_into(&self, out: &mut String, skip: &dyn Fn(&str, &str) -> bool) -> Result<(), ConfError> {
+    fn write_into(
+        &self,
+        out: &mut String,
+        skip: &dyn Fn(&str, &str) -> bool,
+    ) -> Result<(), ConfError> {
         if let Some(descr) = self.description.as_deref().filter(|d| perl_true(d)) {
             // Perl's split drops trailing empty fields only.
             let mut lines: Vec<&str> = descr.split('\n').collect();
@@ -729,24 +736,31 @@ static SNAP_RE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^(?i)\[([a-z][a-z0-9_\-]+)\][\t\n\x0B\x0C\r ]*$").expect("static regex")
 });
 static LXC_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(lxc\.[a-z0-9_\-.]+)(?::|[\t\n\x0B\x0C\r ]*=)[\t\n\x0B\x0C\r ]*(.*?)[\t\n\x0B\x0C\r ]*$")
-        .expect("static regex")
+    Regex::new(
+        r"^(lxc\.[a-z0-9_\-.]+)(?::|[\t\n\x0B\x0C\r ]*=)[\t\n\x0B\x0C\r ]*(.*?)[\t\n\x0B\x0C\r ]*$",
+    )
+    .expect("static regex")
 });
 static DESCR_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^description:[\t\n\x0B\x0C\r ]*(.*[^\t\n\x0B\x0C\r ])[\t\n\x0B\x0C\r ]*$").expect("static regex")
+    Regex::new(r"^description:[\t\n\x0B\x0C\r ]*(.*[^\t\n\x0B\x0C\r ])[\t\n\x0B\x0C\r ]*$")
+        .expect("static regex")
 });
 static SNAPSTATE_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"snapstate:[\t\n\x0B\x0C\r ]*(prepare|delete)[\t\n\x0B\x0C\r ]*$").expect("static regex")
+    Regex::new(r"snapstate:[\t\n\x0B\x0C\r ]*(prepare|delete)[\t\n\x0B\x0C\r ]*$")
+        .expect("static regex")
 });
 static DELETE_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^delete:[\t\n\x0B\x0C\r ]*(.*[^\t\n\x0B\x0C\r ])[\t\n\x0B\x0C\r ]*$").expect("static regex")
+    Regex::new(r"^delete:[\t\n\x0B\x0C\r ]*(.*[^\t\n\x0B\x0C\r ])[\t\n\x0B\x0C\r ]*$")
+        .expect("static regex")
 });
 static KEY_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^([a-z][a-z_]*[0-9]*):[\t\n\x0B\x0C\r ]*(.+?)[\t\n\x0B\x0C\r ]*$").expect("static regex")
+    Regex::new(r"^([a-z][a-z_]*[0-9]*):[\t\n\x0B\x0C\r ]*(.+?)[\t\n\x0B\x0C\r ]*$")
+        .expect("static regex")
 });
 
 fn is_blank(line: &str) -> bool {
-    line.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\r' | 0x0b | 0x0c))
+    line.bytes()
+        .all(|b| matches!(b, b' ' | b'\t' | b'\r' | 0x0b | 0x0c))
 }
 
 impl CtConfig {
@@ -806,7 +820,8 @@ impl CtConfig {
                     Target::Main => {}
                     Target::Pending => conf.pending = ConfigSection::default(),
                     Target::Snapshot(name) => {
-                        conf.snapshots.insert(name.clone(), ConfigSection::default());
+                        conf.snapshots
+                            .insert(name.clone(), ConfigSection::default());
                     }
                 }
                 target = t;
@@ -830,13 +845,17 @@ impl CtConfig {
                         handle(format!("vm {vmid} - {key}: {msg}"), &mut warnings)?;
                     }
                     LxcKeyValidity::Unknown => {
-                        handle(format!("vm {vmid} - unable to parse config: {line}"), &mut warnings)?;
+                        handle(
+                            format!("vm {vmid} - unable to parse config: {line}"),
+                            &mut warnings,
+                        )?;
                     }
                 }
             } else if let Some(c) = DESCR_RE.captures(line) {
                 descr.push_str(&decode_text(&c[1]));
             } else if let Some(c) = SNAPSTATE_RE.captures(line) {
-                sec.options.insert("snapstate".to_string(), c[1].to_string());
+                sec.options
+                    .insert("snapstate".to_string(), c[1].to_string());
             } else if let Some(c) = DELETE_RE.captures(line) {
                 if in_pending {
                     sec.options.insert("delete".to_string(), c[1].to_string());
@@ -869,7 +888,10 @@ impl CtConfig {
                     }
                 }
             } else {
-                handle(format!("vm {vmid} - unable to parse config: {line}"), &mut warnings)?;
+                handle(
+                    format!("vm {vmid} - unable to parse config: {line}"),
+                    &mut warnings,
+                )?;
             }
         }
         if perl_true(&descr) {
@@ -1029,33 +1051,64 @@ mod tests {
     #[test]
     fn lenient_and_strict_parse_messages() {
         let cases: &[(&str, &str)] = &[
-            ("lxc.rootfs.path: /x\n", "vm 7 - lxc.rootfs.path: lxc.rootfs.path is auto generated from rootfs"),
-            ("lxc.bogus: 1\n", "vm 7 - unable to parse config: lxc.bogus: 1"),
-            ("Hostname: x\n", "vm 7 - unable to parse config: Hostname: x"),
-            ("delete: swap\n", "vm 7 - property 'delete' is only allowed in [pve:pending]"),
-            ("foo: bar\n", "vm 7 - unable to parse value of 'foo' - unknown setting 'foo'"),
-            ("memory: lots\n", "vm 7 - unable to parse value of 'memory' - memory: type check ('integer') failed - got 'lots'"),
+            (
+                "lxc.rootfs.path: /x\n",
+                "vm 7 - lxc.rootfs.path: lxc.rootfs.path is auto generated from rootfs",
+            ),
+            (
+                "lxc.bogus: 1\n",
+                "vm 7 - unable to parse config: lxc.bogus: 1",
+            ),
+            (
+                "Hostname: x\n",
+                "vm 7 - unable to parse config: Hostname: x",
+            ),
+            (
+                "delete: swap\n",
+                "vm 7 - property 'delete' is only allowed in [pve:pending]",
+            ),
+            (
+                "foo: bar\n",
+                "vm 7 - unable to parse value of 'foo' - unknown setting 'foo'",
+            ),
+            (
+                "memory: lots\n",
+                "vm 7 - unable to parse value of 'memory' - memory: type check ('integer') failed - got 'lots'",
+            ),
         ];
         for (text, want) in cases {
             let (_, warnings) = CtConfig::parse(7, text).expect("lenient");
             assert_eq!(warnings, [want.to_string()], "{text}");
-            assert_eq!(CtConfig::parse_strict(7, text).expect_err(text).to_string(), *want);
+            assert_eq!(
+                CtConfig::parse_strict(7, text).expect_err(text).to_string(),
+                *want
+            );
         }
         // Lenient parsing keeps the unparsable value, as PVE does.
         let (conf, _) = CtConfig::parse(7, "memory: lots\n").expect("lenient");
         assert_eq!(conf.get("memory"), Some("lots"));
         let (_, warnings) = CtConfig::parse(7, "lxc.id_map: u 0 1 2\n").expect("deprecated");
-        assert_eq!(warnings, ["vm 7 - lxc.id_map: is deprecated and was renamed to lxc.idmap"]);
+        assert_eq!(
+            warnings,
+            ["vm 7 - lxc.id_map: is deprecated and was renamed to lxc.idmap"]
+        );
     }
 
     #[test]
     fn writer_drops_used_unused_and_main_snapstate() {
         let mut conf = CtConfig::default();
-        conf.set("rootfs", "local:vm-1-disk-0,size=8G").expect("set");
+        conf.set("rootfs", "local:vm-1-disk-0,size=8G")
+            .expect("set");
         conf.set("mp0", "local:vm-1-disk-1,mp=/a").expect("set");
-        conf.main.options.insert("unused0".into(), "local:vm-1-disk-1".into());
-        conf.main.options.insert("unused1".into(), "local:vm-1-disk-2".into());
-        conf.main.options.insert("snapstate".into(), "prepare".into());
+        conf.main
+            .options
+            .insert("unused0".into(), "local:vm-1-disk-1".into());
+        conf.main
+            .options
+            .insert("unused1".into(), "local:vm-1-disk-2".into());
+        conf.main
+            .options
+            .insert("snapstate".into(), "prepare".into());
         assert_eq!(
             conf.write().expect("write"),
             "mp0: local:vm-1-disk-1,mp=/a\nrootfs: local:vm-1-disk-0,size=8G\nunused1: local:vm-1-disk-2\n"
@@ -1088,11 +1141,22 @@ mod tests {
     fn mountpoints_in_numeric_order_and_locks() {
         let text = "mp10: s:c,mp=/c\nmp2: s:b,mp=/b\nrootfs: s:a\nmp256: s:x,mp=/x\nlock: backup\n";
         let (conf, warnings) = CtConfig::parse(1, text).expect("parse");
-        assert_eq!(warnings, ["vm 1 - unable to parse value of 'mp256' - unknown setting 'mp256'"]);
-        let keys: Vec<_> = conf.mountpoints().expect("mps").into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            warnings,
+            ["vm 1 - unable to parse value of 'mp256' - unknown setting 'mp256'"]
+        );
+        let keys: Vec<_> = conf
+            .mountpoints()
+            .expect("mps")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(keys, ["rootfs", "mp2", "mp10"]);
         assert_eq!(conf.lock(), Ok(Some(Lock::Backup)));
-        assert_eq!(conf.check_lock().expect_err("locked").to_string(), "CT is locked (backup)");
+        assert_eq!(
+            conf.check_lock().expect_err("locked").to_string(),
+            "CT is locked (backup)"
+        );
         assert!(conf.lock().is_ok());
         let (odd, _) = CtConfig::parse(1, "lock: weird\n").expect("parse");
         assert!(odd.lock().is_err());
@@ -1102,17 +1166,27 @@ mod tests {
     #[test]
     fn set_get_delete_and_lxc_whitelist() {
         let mut conf = CtConfig::default();
-        assert_eq!(conf.set("nope", "1"), Err(ConfError::UnknownSetting("nope".into())));
+        assert_eq!(
+            conf.set("nope", "1"),
+            Err(ConfError::UnknownSetting("nope".into()))
+        );
         conf.set("onboot", "true").expect("set");
         assert_eq!(conf.get("onboot"), Some("1"));
         assert_eq!(conf.delete("onboot"), Some("1".into()));
         assert_eq!(conf.get("onboot"), None);
         assert_eq!(
-            conf.main.push_lxc("lxc.rootfs.path", "/x").expect_err("refused").to_string(),
+            conf.main
+                .push_lxc("lxc.rootfs.path", "/x")
+                .expect_err("refused")
+                .to_string(),
             "lxc.rootfs.path: lxc.rootfs.path is auto generated from rootfs"
         );
-        conf.main.push_lxc("lxc.cgroup2.devices.allow", "c 1:3 rwm").expect("ok");
-        conf.main.push_lxc("lxc.environment.runtime", "X=1").expect("ok");
+        conf.main
+            .push_lxc("lxc.cgroup2.devices.allow", "c 1:3 rwm")
+            .expect("ok");
+        conf.main
+            .push_lxc("lxc.environment.runtime", "X=1")
+            .expect("ok");
         assert_eq!(conf.main.env, ["X=1"]);
         assert_eq!(lxc_key_validity("lxc.net.0.type"), LxcKeyValidity::Valid);
         assert_eq!(lxc_key_validity("lxc.foo"), LxcKeyValidity::Unknown);
@@ -1122,7 +1196,10 @@ mod tests {
     fn backup_config_strips_lock_parent_pending_snapshots() {
         let text = "lock: backup\nmemory: 512\nparent: s1\n\n[pve:pending]\nmemory: 1024\n\n[s1]\nmemory: 256\n";
         let (conf, _) = CtConfig::parse(5, text).expect("parse");
-        assert_eq!(conf.to_backup_config().write().expect("write"), "memory: 512\n");
+        assert_eq!(
+            conf.to_backup_config().write().expect("write"),
+            "memory: 512\n"
+        );
     }
 
     #[test]
@@ -1134,7 +1211,10 @@ mod tests {
             map.usernsexec_args(),
             ["-m", "u:0:100000:65536", "-m", "g:0:100000:65536", "--"]
         );
-        assert_eq!(map.map_to_host(super::super::IdKind::Group, 65_535), Some(165_535));
+        assert_eq!(
+            map.map_to_host(super::super::IdKind::Group, 65_535),
+            Some(165_535)
+        );
         assert_eq!(map.map_to_host(super::super::IdKind::Group, 65_536), None);
         let (conf, _) = CtConfig::parse(5, "lxc.idmap: u 0 100000 x\n").expect("parse");
         assert_eq!(

@@ -103,8 +103,7 @@ impl CtConfig {
             self.pending.options.remove(&k);
             changes = true;
         }
-        if self.pending.description.is_some() && self.pending.description == self.main.description
-        {
+        if self.pending.description.is_some() && self.pending.description == self.main.description {
             self.pending.description = None;
             changes = true;
         }

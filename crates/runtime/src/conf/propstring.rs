@@ -124,15 +124,15 @@ pub(crate) fn check_value(desc: &PropDesc, value: &str) -> Result<(), String> {
             } else {
                 i128::MAX
             });
-            if let Some(min) = min {
-                if n < i128::from(min) {
-                    return Err(format!("value must have a minimum value of {min}"));
-                }
+            if let Some(min) = min
+                && n < i128::from(min)
+            {
+                return Err(format!("value must have a minimum value of {min}"));
             }
-            if let Some(max) = max {
-                if n > i128::from(max) {
-                    return Err(format!("value must have a maximum value of {max}"));
-                }
+            if let Some(max) = max
+                && n > i128::from(max)
+            {
+                return Err(format!("value must have a maximum value of {max}"));
             }
         }
         PropType::Number { min, max } => {
@@ -150,18 +150,18 @@ pub(crate) fn check_value(desc: &PropDesc, value: &str) -> Result<(), String> {
         }
         PropType::Str => {}
     }
-    if let Some(values) = desc.enumeration {
-        if !values.contains(&value) {
-            return Err(format!(
-                "value '{value}' does not have a value in the enumeration '{}'",
-                values.join(", ")
-            ));
-        }
+    if let Some(values) = desc.enumeration
+        && !values.contains(&value)
+    {
+        return Err(format!(
+            "value '{value}' does not have a value in the enumeration '{}'",
+            values.join(", ")
+        ));
     }
-    if let Some(pattern) = desc.pattern {
-        if !anchored_match(pattern, value) {
-            return Err("value does not match the regex pattern".to_string());
-        }
+    if let Some(pattern) = desc.pattern
+        && !anchored_match(pattern, value)
+    {
+        return Err("value does not match the regex pattern".to_string());
     }
     if let Some(check) = desc.format {
         check(value)?;
@@ -176,7 +176,10 @@ pub(crate) fn check_value(desc: &PropDesc, value: &str) -> Result<(), String> {
 /// The split-phase messages (`duplicate key in comma-separated list property: k`,
 /// `missing key in comma-separated list property`, `value without key, but schema does not
 /// define a default key`) or [`ConfError::Format`] with one message per offending key.
-pub(crate) fn parse(schema: &[PropDesc], data: &str) -> Result<BTreeMap<String, String>, ConfError> {
+pub(crate) fn parse(
+    schema: &[PropDesc],
+    data: &str,
+) -> Result<BTreeMap<String, String>, ConfError> {
     let mut res: BTreeMap<String, String> = BTreeMap::new();
     let mut default_key: Option<&'static str> = None;
     for part in data.split(',') {
@@ -192,12 +195,11 @@ pub(crate) fn parse(schema: &[PropDesc], data: &str) -> Result<BTreeMap<String, 
                 return Err(ConfError::DuplicateKey(k.to_string()));
             }
             let mut v = v.to_string();
-            if let Some(desc) = schema.iter().find(|d| d.key == k) {
-                if matches!(desc.ty, PropType::Bool) {
-                    if let Some(b) = parse_boolean(&v) {
-                        v = if b { "1" } else { "0" }.to_string();
-                    }
-                }
+            let is_bool = schema
+                .iter()
+                .any(|d| d.key == k && matches!(d.ty, PropType::Bool));
+            if is_bool && let Some(b) = parse_boolean(&v) {
+                v = if b { "1" } else { "0" }.to_string();
             }
             res.insert(k.to_string(), v);
         } else if !part.contains('=') {

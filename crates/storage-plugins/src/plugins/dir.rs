@@ -20,8 +20,8 @@ use crate::backup::archive_info;
 use crate::config::{ContentType, StorageSection};
 use crate::error::{Result, StorageError};
 use crate::plugin::{
-    Feature, FeatureTable, StoragePlugin, StorageStatus, VolumeAccess, VolumeAttribute,
-    VolumeInfo, VolumeState,
+    Feature, FeatureTable, StoragePlugin, StorageStatus, VolumeAccess, VolumeAttribute, VolumeInfo,
+    VolumeState,
 };
 use crate::volid::{self, ParsedVolname, VolumeType};
 
@@ -36,14 +36,42 @@ const IMAGE_FORMATS: &[&str] = &["qcow2", "raw", "vmdk"];
 const DIR_FEATURES: FeatureTable = FeatureTable(&[
     (Feature::Snapshot, VolumeState::Current, Some(&["qcow2"])),
     (Feature::Snapshot, VolumeState::Snap, Some(&["qcow2"])),
-    (Feature::Clone, VolumeState::Base, Some(&["qcow2", "raw", "vmdk"])),
-    (Feature::Template, VolumeState::Current, Some(&["qcow2", "raw", "vmdk", "subvol"])),
-    (Feature::Copy, VolumeState::Base, Some(&["qcow2", "raw", "vmdk"])),
-    (Feature::Copy, VolumeState::Current, Some(&["qcow2", "raw", "vmdk"])),
+    (
+        Feature::Clone,
+        VolumeState::Base,
+        Some(&["qcow2", "raw", "vmdk"]),
+    ),
+    (
+        Feature::Template,
+        VolumeState::Current,
+        Some(&["qcow2", "raw", "vmdk", "subvol"]),
+    ),
+    (
+        Feature::Copy,
+        VolumeState::Base,
+        Some(&["qcow2", "raw", "vmdk"]),
+    ),
+    (
+        Feature::Copy,
+        VolumeState::Current,
+        Some(&["qcow2", "raw", "vmdk"]),
+    ),
     (Feature::Copy, VolumeState::Snap, Some(&["qcow2"])),
-    (Feature::SparseInit, VolumeState::Base, Some(&["qcow2", "raw", "vmdk"])),
-    (Feature::SparseInit, VolumeState::Current, Some(&["qcow2", "raw", "vmdk"])),
-    (Feature::Rename, VolumeState::Current, Some(&["qcow2", "raw", "vmdk"])),
+    (
+        Feature::SparseInit,
+        VolumeState::Base,
+        Some(&["qcow2", "raw", "vmdk"]),
+    ),
+    (
+        Feature::SparseInit,
+        VolumeState::Current,
+        Some(&["qcow2", "raw", "vmdk"]),
+    ),
+    (
+        Feature::Rename,
+        VolumeState::Current,
+        Some(&["qcow2", "raw", "vmdk"]),
+    ),
 ]);
 
 /// A `dir` storage.
@@ -69,7 +97,11 @@ impl DirPlugin {
             .path()
             .map(Path::to_path_buf)
             .ok_or_else(|| StorageError::Invalid("storage definition has no path".into()))?;
-        Ok(Self { section, path, runner })
+        Ok(Self {
+            section,
+            path,
+            runner,
+        })
     }
 
     /// The storage's base path.
@@ -104,7 +136,9 @@ impl DirPlugin {
     fn existing_image_names(&self) -> Result<Vec<String>> {
         let images = self.subdir(VolumeType::Images)?;
         let mut names = Vec::new();
-        let Ok(vmdirs) = std::fs::read_dir(&images) else { return Ok(names) };
+        let Ok(vmdirs) = std::fs::read_dir(&images) else {
+            return Ok(names);
+        };
         for vmdir in vmdirs {
             let vmdir = vmdir.map_err(io_err("unable to read directory", &images))?;
             if !vmdir.file_type().is_ok_and(|t| t.is_dir()) {
@@ -131,7 +165,11 @@ impl DirPlugin {
         }
         let out = self
             .runner
-            .run_stdout(&Cmd::new(QEMU_IMG).args(["info", "--output=json", "-f", format]).arg(path))
+            .run_stdout(
+                &Cmd::new(QEMU_IMG)
+                    .args(["info", "--output=json", "-f", format])
+                    .arg(path),
+            )
             .await?;
         let v: serde_json::Value = serde_json::from_str(&out)
             .map_err(|e| StorageError::Failed(format!("unable to parse qemu-img info: {e}")))?;
@@ -141,7 +179,9 @@ impl DirPlugin {
     fn scan_files(&self, vtype: VolumeType) -> Result<Vec<(String, std::fs::Metadata)>> {
         let dir = self.subdir(vtype)?;
         let mut res = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(res) };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(res);
+        };
         for e in entries {
             let e = e.map_err(io_err("unable to read directory", &dir))?;
             let meta = e.metadata().map_err(io_err("unable to stat", &e.path()))?;
@@ -157,7 +197,9 @@ impl DirPlugin {
         let dir = self.subdir(VolumeType::Backup)?;
         let mut res = Vec::new();
         for (name, meta) in self.scan_files(VolumeType::Backup)? {
-            let Some(format) = backup_format(&name) else { continue };
+            let Some(format) = backup_format(&name) else {
+                continue;
+            };
             let volname = format!("backup/{name}");
             let mut info = VolumeInfo::new(self.volid(&volname), "backup", &format, meta.len());
             use std::os::unix::fs::MetadataExt;
@@ -186,13 +228,16 @@ impl DirPlugin {
         let mut res = Vec::new();
         for (name, meta) in self.scan_files(vtype)? {
             let volname = format!("{}/{name}", vtype.as_str());
-            let Ok(p) = volid::parse_volname_dir(&volname) else { continue };
+            let Ok(p) = volid::parse_volname_dir(&volname) else {
+                continue;
+            };
             let format = match vtype {
                 VolumeType::Vztmpl => vztmpl_format(&name).unwrap_or("raw").to_string(),
                 VolumeType::Iso => "iso".to_string(),
                 _ => p.format.clone(),
             };
-            let mut info = VolumeInfo::new(self.volid(&volname), vtype.as_str(), &format, meta.len());
+            let mut info =
+                VolumeInfo::new(self.volid(&volname), vtype.as_str(), &format, meta.len());
             use std::os::unix::fs::MetadataExt;
             info.ctime = Some(meta.mtime());
             res.push(info);
@@ -219,27 +264,43 @@ impl DirPlugin {
     }
 }
 
-/// The format `pvesm list` shows for a backup file (`tar.zst`, `tgz`, `vma.gz`), or `None` for
-/// files that are not backups.
+/// The format `pvesm list` shows for a backup file (`tar.zst`, `tgz`, `vma.gz`): the extension
+/// matched by PVE's `BACKUP_EXT_RE_2`, or `None` for files that are not backups. Non-standard
+/// names are backups too (pruning marks them `renamed`).
 fn backup_format(name: &str) -> Option<String> {
-    let ai = archive_info(name).ok()?;
-    if name.ends_with(".tgz") {
+    const BASES: [&str; 2] = ["tar", "vma"];
+    const COMPRESSIONS: [&str; 4] = ["gz", "lzo", "zst", "bz2"];
+    if name.len() > 4 && name.ends_with(".tgz") {
         return Some("tgz".into());
     }
-    Some(match ai.compression {
-        Some(c) => format!("{}.{c}", ai.format),
-        None => ai.format,
-    })
+    for base in BASES {
+        if name.len() > base.len() + 1 && name.ends_with(&format!(".{base}")) {
+            return Some(base.into());
+        }
+        for comp in COMPRESSIONS {
+            let ext = format!("{base}.{comp}");
+            if name.len() > ext.len() + 1 && name.ends_with(&format!(".{ext}")) {
+                return Some(ext);
+            }
+        }
+    }
+    None
 }
 
 /// The format `pvesm list` shows for a container template (`tgz`, `txz`, `tbz2`, `tzst`,
 /// `tar`), or `None` for other files.
 fn vztmpl_format(name: &str) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
-    [(".tar.gz", "tgz"), (".tar.xz", "txz"), (".tar.bz2", "tbz2"), (".tar.zst", "tzst"), (".tar", "tar")]
-        .into_iter()
-        .find(|(ext, _)| lower.ends_with(ext))
-        .map(|(_, f)| f)
+    [
+        (".tar.gz", "tgz"),
+        (".tar.xz", "txz"),
+        (".tar.bz2", "tbz2"),
+        (".tar.zst", "tzst"),
+        (".tar", "tar"),
+    ]
+    .into_iter()
+    .find(|(ext, _)| lower.ends_with(ext))
+    .map(|(_, f)| f)
 }
 
 /// Removes a backup archive and its companions (`<stem>.log`, `<archive>.notes`), as PVE's
@@ -251,7 +312,10 @@ fn remove_archive(path: &Path) -> Result<()> {
         }
         _ => StorageError::io("unable to remove", path, e),
     })?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut companions = vec![path.with_file_name(format!("{name}.notes"))];
     if let Ok(ai) = archive_info(&name)
         && let Some(log) = ai.logfilename
@@ -291,7 +355,10 @@ impl StoragePlugin for DirPlugin {
     }
 
     async fn activate_storage(&self) -> Result<()> {
-        let create_base = self.section.get("create-base-path").is_none_or(|v| v != "0")
+        let create_base = self
+            .section
+            .get("create-base-path")
+            .is_none_or(|v| v != "0")
             && self.section.get("mkdir").is_none_or(|v| v != "0");
         if !self.path.is_dir() {
             if create_base {
@@ -312,7 +379,9 @@ impl StoragePlugin for DirPlugin {
         }
         let mut seen: Vec<(PathBuf, ContentType)> = Vec::new();
         for content in self.content() {
-            let Ok(vtype) = content.as_str().parse::<VolumeType>() else { continue };
+            let Ok(vtype) = content.as_str().parse::<VolumeType>() else {
+                continue;
+            };
             let dir = self.subdir(vtype)?;
             if let Some((_, other)) = seen.iter().find(|(d, _)| *d == dir) {
                 return Err(StorageError::Invalid(format!(
@@ -331,19 +400,30 @@ impl StoragePlugin for DirPlugin {
 
     async fn status(&self) -> Result<StorageStatus> {
         let st = rustix::fs::statvfs(&self.path).map_err(|e| {
-            StorageError::io("unable to query filesystem", &self.path, std::io::Error::from(e))
+            StorageError::io(
+                "unable to query filesystem",
+                &self.path,
+                std::io::Error::from(e),
+            )
         })?;
         let frsize = st.f_frsize;
         let total = st.f_blocks * frsize;
         let avail = st.f_bavail * frsize;
         let used = total.saturating_sub(st.f_bfree * frsize);
-        Ok(StorageStatus { total, avail, used, active: true })
+        Ok(StorageStatus {
+            total,
+            avail,
+            used,
+            active: true,
+        })
     }
 
     async fn path(&self, volname: &str, snapname: Option<&str>) -> Result<PathBuf> {
         let p = self.parse_volname(volname)?;
         if snapname.is_some() && p.format != "qcow2" {
-            return Err(StorageError::Unsupported("can't snapshot this image format".into()));
+            return Err(StorageError::Unsupported(
+                "can't snapshot this image format".into(),
+            ));
         }
         self.filesystem_path(&p)
     }
@@ -354,7 +434,9 @@ impl StoragePlugin for DirPlugin {
         match p.format.as_str() {
             "subvol" => Ok(VolumeAccess::Directory(path)),
             "raw" => Ok(VolumeAccess::ImageFile(path)),
-            f => Err(StorageError::Unsupported(format!("unsupported image format '{f}'"))),
+            f => Err(StorageError::Unsupported(format!(
+                "unsupported image format '{f}'"
+            ))),
         }
     }
 
@@ -366,7 +448,9 @@ impl StoragePlugin for DirPlugin {
         size_kib: u64,
     ) -> Result<String> {
         if !IMAGE_FORMATS.contains(&format) && format != "subvol" {
-            return Err(StorageError::Invalid(format!("unsupported format '{format}'")));
+            return Err(StorageError::Invalid(format!(
+                "unsupported format '{format}'"
+            )));
         }
         let name = match name {
             Some(n) => n.to_string(),
@@ -380,7 +464,8 @@ impl StoragePlugin for DirPlugin {
             )
             .map_err(|e| StorageError::Failed(e.to_string()))?,
         };
-        let parsed = volid::parse_name_dir(&name).map_err(|e| StorageError::Invalid(e.to_string()))?;
+        let parsed =
+            volid::parse_name_dir(&name).map_err(|e| StorageError::Invalid(e.to_string()))?;
         let (parsed_name, parsed_fmt) = (parsed.name, parsed.format);
         if parsed_fmt != format {
             return Err(StorageError::Invalid(format!(
@@ -419,7 +504,8 @@ impl StoragePlugin for DirPlugin {
                         .create_new(true)
                         .open(&path)
                         .map_err(io_err("unable to create image", &path))?;
-                    f.set_len(size_kib * 1024).map_err(io_err("unable to size image", &path))?;
+                    f.set_len(size_kib * 1024)
+                        .map_err(io_err("unable to size image", &path))?;
                 }
                 fmt => {
                     self.runner
@@ -451,7 +537,9 @@ impl StoragePlugin for DirPlugin {
         let p = self.parse_volname(volname)?;
         let path = self.filesystem_path(&p)?;
         if p.vtype == VolumeType::Backup
-            && self.attribute_path(volname, VolumeAttribute::Protected)?.exists()
+            && self
+                .attribute_path(volname, VolumeAttribute::Protected)?
+                .exists()
         {
             return Err(StorageError::Failed(format!(
                 "cannot remove protected volume '{volname}' on '{}'",
@@ -459,7 +547,9 @@ impl StoragePlugin for DirPlugin {
             )));
         }
         if p.is_base {
-            self.runner.run(&Cmd::new(CHATTR).arg("-i").arg(&path)).await?;
+            self.runner
+                .run(&Cmd::new(CHATTR).arg("-i").arg(&path))
+                .await?;
         }
         if p.vtype == VolumeType::Backup {
             return remove_archive(&path);
@@ -492,12 +582,16 @@ impl StoragePlugin for DirPlugin {
     async fn list_images(&self, vmid: Option<u32>) -> Result<Vec<VolumeInfo>> {
         let images = self.subdir(VolumeType::Images)?;
         let mut res = Vec::new();
-        let Ok(vmdirs) = std::fs::read_dir(&images) else { return Ok(res) };
+        let Ok(vmdirs) = std::fs::read_dir(&images) else {
+            return Ok(res);
+        };
         let mut vmdirs: Vec<_> = vmdirs.filter_map(|e| e.ok()).collect();
         vmdirs.sort_by_key(std::fs::DirEntry::file_name);
         for vmdir in vmdirs {
             let dname = vmdir.file_name().to_string_lossy().into_owned();
-            let Ok(owner) = dname.parse::<u32>() else { continue };
+            let Ok(owner) = dname.parse::<u32>() else {
+                continue;
+            };
             if dname.len() < 2 || vmid.is_some_and(|v| v != owner) {
                 continue;
             }
@@ -509,12 +603,18 @@ impl StoragePlugin for DirPlugin {
             files.sort_by_key(std::fs::DirEntry::file_name);
             for f in files {
                 let name = f.file_name().to_string_lossy().into_owned();
-                let Ok(parsed) = volid::parse_name_dir(&name) else { continue };
+                let Ok(parsed) = volid::parse_name_dir(&name) else {
+                    continue;
+                };
                 let format = parsed.format;
                 let path = f.path();
                 let (size, used) = self.image_size(&path, &format).await?;
                 let volname = format!("{owner}/{name}");
-                let content = if format == "subvol" { "rootdir" } else { "images" };
+                let content = if format == "subvol" {
+                    "rootdir"
+                } else {
+                    "images"
+                };
                 let mut info = VolumeInfo::new(self.volid(&volname), content, &format, size);
                 info.used = Some(used);
                 info.vmid = Some(owner);
@@ -532,13 +632,18 @@ impl StoragePlugin for DirPlugin {
         content: &[ContentType],
     ) -> Result<Vec<VolumeInfo>> {
         let mut res = Vec::new();
-        if content.iter().any(|c| matches!(c, ContentType::Images | ContentType::Rootdir)) {
+        if content
+            .iter()
+            .any(|c| matches!(c, ContentType::Images | ContentType::Rootdir))
+        {
             res.extend(self.list_images(vmid).await?);
         }
         for c in content {
             match c {
                 ContentType::Backup => res.extend(self.list_backups(vmid)?),
-                ContentType::Vztmpl if vmid.is_none() => res.extend(self.list_plain(VolumeType::Vztmpl)?),
+                ContentType::Vztmpl if vmid.is_none() => {
+                    res.extend(self.list_plain(VolumeType::Vztmpl)?)
+                }
                 ContentType::Iso if vmid.is_none() => res.extend(self.list_plain(VolumeType::Iso)?),
                 ContentType::Snippets if vmid.is_none() => {
                     res.extend(self.list_plain(VolumeType::Snippets)?);
@@ -575,7 +680,8 @@ impl StoragePlugin for DirPlugin {
                     .write(true)
                     .open(&path)
                     .map_err(io_err("unable to open image", &path))?;
-                f.set_len(size_bytes).map_err(io_err("unable to resize image", &path))?;
+                f.set_len(size_bytes)
+                    .map_err(io_err("unable to resize image", &path))?;
                 f.sync_all().map_err(io_err("unable to sync image", &path))
             }
             "qcow2" => {
@@ -590,17 +696,23 @@ impl StoragePlugin for DirPlugin {
                     .await?;
                 Ok(())
             }
-            _ => Err(StorageError::Unsupported("can't resize this image format".into())),
+            _ => Err(StorageError::Unsupported(
+                "can't resize this image format".into(),
+            )),
         }
     }
 
     async fn create_base(&self, volname: &str) -> Result<String> {
         let p = self.parse_volname(volname)?;
         if p.vtype != VolumeType::Images {
-            return Err(StorageError::Invalid("create_base not possible with types other than images".into()));
+            return Err(StorageError::Invalid(
+                "create_base not possible with types other than images".into(),
+            ));
         }
         if p.is_base {
-            return Err(StorageError::Invalid("create_base not possible with base image".into()));
+            return Err(StorageError::Invalid(
+                "create_base not possible with base image".into(),
+            ));
         }
         let path = self.filesystem_path(&p)?;
         let newname = p.name.replacen("vm-", "base-", 1);
@@ -611,12 +723,17 @@ impl StoragePlugin for DirPlugin {
         }
         let newpath = path.with_file_name(&newname);
         if newpath.exists() {
-            return Err(StorageError::AlreadyExists(format!("file '{}' already exists", newpath.display())));
+            return Err(StorageError::AlreadyExists(format!(
+                "file '{}' already exists",
+                newpath.display()
+            )));
         }
         std::fs::rename(&path, &newpath).map_err(io_err("rename failed for", &path))?;
         std::fs::set_permissions(&newpath, std::fs::Permissions::from_mode(0o444))
             .map_err(io_err("unable to chmod", &newpath))?;
-        self.runner.run(&Cmd::new(CHATTR).arg("+i").arg(&newpath)).await?;
+        self.runner
+            .run(&Cmd::new(CHATTR).arg("+i").arg(&newpath))
+            .await?;
         Ok(format!("{}/{newname}", p.vmid.unwrap_or_default()))
     }
 
@@ -648,7 +765,11 @@ impl StoragePlugin for DirPlugin {
             VolumeAttribute::Notes => value.is_some_and(|v| !v.is_empty()),
         };
         if enable {
-            let text = if attr == VolumeAttribute::Notes { value.unwrap_or_default() } else { "" };
+            let text = if attr == VolumeAttribute::Notes {
+                value.unwrap_or_default()
+            } else {
+                ""
+            };
             std::fs::write(&path, text).map_err(io_err("unable to write", &path))
         } else {
             match std::fs::remove_file(&path) {
