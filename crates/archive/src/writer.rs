@@ -1,0 +1,772 @@
+//! Streaming tar writer that archives directory trees like PVE's vzdump
+//! invocation of GNU tar:
+//!
+//! ```text
+//! tar cpf - --totals --one-file-system -p --sparse --numeric-owner --acls --xattrs
+//!     --xattrs-include=user.* --xattrs-include=security.capability
+//!     --warning=no-file-ignored --warning=no-xattr-write … ./
+//! ```
+//!
+//! Format: see [`crate::header`] (POSIX pax, as GNU tar writes with `--xattrs`).
+//! Semantics:
+//! * member names start with the given prefix (`./`, `./mnt/data`), directories
+//!   end in `/`; entries of a directory are written in byte order of their
+//!   names right after the directory (GNU tar uses readdir order), so output
+//!   is deterministic;
+//! * types: regular, directory, symlink (never followed), hard link (second and
+//!   later names of an inode with `st_nlink > 1`, by dev+ino), char/block
+//!   devices (`st_rdev`), FIFOs; sockets are skipped like GNU tar does;
+//! * numeric uid/gid, mode incl. setuid/setgid/sticky, mtime with nanoseconds;
+//! * POSIX ACLs and `user.*`/`security.capability` xattrs as PAX records;
+//! * sparse files (`st_blocks*512 < st_size`) are scanned with
+//!   `SEEK_DATA`/`SEEK_HOLE` and written in PAX sparse 1.0 form;
+//! * `one_file_system`: a directory on another device is archived itself,
+//!   but not its contents (GNU tar's `--one-file-system`);
+//! * excluded names (see [`crate::exclude`]) are skipped, directories
+//!   without descending.
+//!
+//! With an [`IdMap`] (host → container direction) owners, ACL qualifiers
+//! and the root id of v3 file capabilities are shown as a tar running in the
+//! container's user namespace would see them: unmapped owners become 65534.
+//!
+//! Memory: one directory's names at a time per level, a 256 KiB copy
+//! buffer, and the names of hard-linked inodes until their last link.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, SeekFrom};
+
+use crate::acl::{self, Acl};
+use crate::error::{ArchiveError, Result};
+use crate::exclude::ExcludeSet;
+use crate::fsutil::{Meta, XattrTarget, proc_path};
+use crate::header::{self, BLOCK, MemberHeader, MemberKind, RECORD, SparseRegion};
+use crate::idmap::{Direction, IdKind, IdMap, OVERFLOW_ID};
+
+const COPY_BUF: usize = 256 * 1024;
+
+/// Access ACL text, default ACL text, archived xattrs.
+type Attrs = (Option<String>, Option<String>, Vec<(Vec<u8>, Vec<u8>)>);
+/// Maps with more regions are coalesced (holes between merged regions are
+/// stored as zeros) so that readers need not buffer huge maps.
+pub const MAX_SPARSE_REGIONS: usize = 65_536;
+const MAX_WARNINGS: usize = 1000;
+
+/// Counters of an [`ArchiveWriter::append_tree`] call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Regular files (incl. sparse ones).
+    pub files: u64,
+    /// Of which written as sparse.
+    pub sparse_files: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Symbolic links.
+    pub symlinks: u64,
+    /// Hard-link members.
+    pub hardlinks: u64,
+    /// Character and block devices.
+    pub devices: u64,
+    /// FIFOs.
+    pub fifos: u64,
+    /// Sockets skipped.
+    pub sockets_skipped: u64,
+    /// Names skipped by exclude patterns.
+    pub excluded: u64,
+    /// Directories on other file systems whose contents were skipped.
+    pub other_fs_dirs: u64,
+    /// File content bytes archived (sparse: data regions only).
+    pub data_bytes: u64,
+    /// What GNU tar would warn about (file changed or vanished while read,
+    /// unrepresentable capability); at most 1000 are kept.
+    pub warnings: Vec<String>,
+}
+
+impl Stats {
+    fn warn(&mut self, msg: String) {
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(msg);
+        }
+    }
+}
+
+/// Streaming tar writer; see the module docs.
+pub struct ArchiveWriter<W: Write> {
+    out: W,
+    written: u64,
+    id_map: Option<IdMap>,
+    /// (dev, ino) → (first member name, links still to come)
+    links: HashMap<(u64, u64), (Vec<u8>, u64)>,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> std::fmt::Debug for ArchiveWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveWriter")
+            .field("written", &self.written)
+            .field("id_map", &self.id_map)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An opened tree entry, with what we need to emit it.
+struct Source<'a> {
+    dirfd: BorrowedFd<'a>,
+    name: &'a [u8],
+    path: PathBuf,
+}
+
+impl<W: Write> ArchiveWriter<W> {
+    /// A writer storing host ids as they are.
+    pub fn new(out: W) -> Self {
+        ArchiveWriter {
+            out,
+            written: 0,
+            id_map: None,
+            links: HashMap::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// A writer storing ids as seen inside a container with this id map.
+    pub fn with_id_map(out: W, map: IdMap) -> Self {
+        let mut w = ArchiveWriter::new(out);
+        w.id_map = Some(map);
+        w
+    }
+
+    /// Bytes written to the stream so far.
+    #[must_use]
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    fn put(&mut self, data: &[u8]) -> Result<()> {
+        self.out.write_all(data).map_err(ArchiveError::Stream)?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn pad(&mut self, len: u64) -> Result<()> {
+        let n = header::padding(len);
+        self.put(&[0u8; BLOCK][..n])
+    }
+
+    /// Append a regular file member with the given content, owned by 0:0
+    /// (e.g. `./etc/vzdump/pct.conf`). No parent directory members are
+    /// written, as with tar's explicitly listed files.
+    ///
+    /// # Errors
+    /// Invalid name, or a write error.
+    pub fn append_data(
+        &mut self,
+        name: impl AsRef<[u8]>,
+        data: &[u8],
+        mode: u32,
+        mtime: i64,
+    ) -> Result<()> {
+        let h = MemberHeader {
+            name: name.as_ref(),
+            kind: MemberKind::Regular,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime,
+            mtime_nsec: 0,
+            size: data.len() as u64,
+            link: None,
+            device: (0, 0),
+            sparse: None,
+            acl_access: None,
+            acl_default: None,
+            xattrs: &[],
+        };
+        let bytes = header::encode(&h)?;
+        self.put(&bytes)?;
+        self.put(data)?;
+        self.pad(data.len() as u64)
+    }
+
+    /// Archive the tree at `src` under `member_prefix` (`"./"` for a rootfs,
+    /// `"./mnt/data"` for a mount point). `src` itself becomes the member
+    /// `<prefix>/`; exclude patterns are matched against member names.
+    ///
+    /// # Errors
+    /// I/O errors on the source tree (other than files vanishing while the
+    /// tree is read, which are warnings) or on the output stream.
+    pub fn append_tree(
+        &mut self,
+        src: &Path,
+        member_prefix: &str,
+        excludes: &ExcludeSet,
+        one_file_system: bool,
+    ) -> Result<Stats> {
+        let mut stats = Stats::default();
+        let root = rustix::fs::open(
+            src,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ArchiveError::fs("open directory", src, e.into()))?;
+        let meta = Meta::from_stat(
+            &rustix::fs::fstat(&root).map_err(|e| ArchiveError::fs("stat", src, e.into()))?,
+        );
+        let base = member_prefix.trim_end_matches('/');
+        let base = if base.is_empty() { "." } else { base };
+        let mut root_name = base.as_bytes().to_vec();
+        root_name.push(b'/');
+        self.emit_dir(&root, &root_name, &meta, src, &mut stats)?;
+        self.walk(
+            &root,
+            base.as_bytes(),
+            src,
+            meta.dev,
+            excludes,
+            one_file_system,
+            &mut stats,
+        )?;
+        Ok(stats)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn walk(
+        &mut self,
+        dir: &OwnedFd,
+        dir_member: &[u8],
+        dir_path: &Path,
+        root_dev: u64,
+        excludes: &ExcludeSet,
+        one_file_system: bool,
+        stats: &mut Stats,
+    ) -> Result<()> {
+        let mut names = Vec::new();
+        {
+            let mut d = rustix::fs::Dir::read_from(dir)
+                .map_err(|e| ArchiveError::fs("read directory", dir_path, e.into()))?;
+            while let Some(ent) = d.read() {
+                let ent =
+                    ent.map_err(|e| ArchiveError::fs("read directory", dir_path, e.into()))?;
+                let n = ent.file_name().to_bytes();
+                if n != b"." && n != b".." {
+                    names.push(n.to_vec());
+                }
+            }
+        }
+        names.sort();
+        for name in names {
+            let mut member = dir_member.to_vec();
+            member.push(b'/');
+            member.extend_from_slice(&name);
+            let path = dir_path.join(std::ffi::OsStr::from_bytes(&name));
+            if excludes.is_excluded(&member) {
+                stats.excluded += 1;
+                continue;
+            }
+            let st = match rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => Meta::from_stat(&st),
+                Err(rustix::io::Errno::NOENT) => {
+                    stats.warn(format!(
+                        "{}: File removed before we read it",
+                        path.display()
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(ArchiveError::fs("stat", &path, e.into())),
+            };
+            let src = Source {
+                dirfd: dir.as_fd(),
+                name: &name,
+                path,
+            };
+            match st.file_type() {
+                FileType::Directory => {
+                    let sub = match rustix::fs::openat(
+                        dir,
+                        name.as_slice(),
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    ) {
+                        Ok(fd) => fd,
+                        Err(rustix::io::Errno::NOENT) => {
+                            stats.warn(format!(
+                                "{}: File removed before we read it",
+                                src.path.display()
+                            ));
+                            continue;
+                        }
+                        Err(e) => {
+                            return Err(ArchiveError::fs("open directory", &src.path, e.into()));
+                        }
+                    };
+                    let meta = Meta::from_stat(
+                        &rustix::fs::fstat(&sub)
+                            .map_err(|e| ArchiveError::fs("stat", &src.path, e.into()))?,
+                    );
+                    let mut dname = member.clone();
+                    dname.push(b'/');
+                    self.emit_dir(&sub, &dname, &meta, &src.path, stats)?;
+                    if one_file_system && meta.dev != root_dev {
+                        stats.other_fs_dirs += 1;
+                        continue;
+                    }
+                    self.walk(
+                        &sub,
+                        &member,
+                        &src.path,
+                        root_dev,
+                        excludes,
+                        one_file_system,
+                        stats,
+                    )?;
+                }
+                FileType::RegularFile => self.emit_file(&src, &member, &st, stats)?,
+                FileType::Symlink => {
+                    let target = match rustix::fs::readlinkat(dir, name.as_slice(), Vec::new()) {
+                        Ok(t) => t.into_bytes(),
+                        Err(rustix::io::Errno::NOENT) => {
+                            stats.warn(format!(
+                                "{}: File removed before we read it",
+                                src.path.display()
+                            ));
+                            continue;
+                        }
+                        Err(e) => return Err(ArchiveError::fs("readlink", &src.path, e.into())),
+                    };
+                    stats.symlinks += 1;
+                    self.emit_simple(
+                        &member,
+                        MemberKind::Symlink,
+                        &st,
+                        Some(&target),
+                        None,
+                        stats,
+                    )?;
+                }
+                FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
+                    if st.nlink > 1 && self.emit_hardlink_if_seen(&member, &st, stats)? {
+                        continue;
+                    }
+                    let kind = match st.file_type() {
+                        FileType::CharacterDevice => MemberKind::CharDevice,
+                        FileType::BlockDevice => MemberKind::BlockDevice,
+                        _ => MemberKind::Fifo,
+                    };
+                    if kind == MemberKind::Fifo {
+                        stats.fifos += 1;
+                    } else {
+                        stats.devices += 1;
+                    }
+                    let ppath = proc_path(src.dirfd, src.name);
+                    self.emit_simple(
+                        &member,
+                        kind,
+                        &st,
+                        None,
+                        Some((XattrTarget::Path(&ppath), &src.path)),
+                        stats,
+                    )?;
+                }
+                FileType::Socket => {
+                    stats.sockets_skipped += 1;
+                    stats.warn(format!("{}: socket ignored", src.path.display()));
+                }
+                FileType::Unknown => {
+                    return Err(ArchiveError::Unsupported {
+                        member: String::from_utf8_lossy(&member).into_owned(),
+                        message: "unknown file type".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn map_owner(&self, kind: IdKind, id: u32) -> u64 {
+        match &self.id_map {
+            Some(m) => u64::from(m.to_container(kind, id.into()).unwrap_or(OVERFLOW_ID)),
+            None => u64::from(id),
+        }
+    }
+
+    /// ACL and xattr PAX values of a file.
+    fn collect_attrs(
+        &self,
+        target: XattrTarget<'_>,
+        path: &Path,
+        is_dir: bool,
+        stats: &mut Stats,
+    ) -> Result<Attrs> {
+        let acl_of = |name: &str, keep_trivial: bool| -> Result<Option<String>> {
+            let Some(raw) = target
+                .get(name.as_bytes())
+                .map_err(|e| ArchiveError::fs("read ACL", path, e))?
+            else {
+                return Ok(None);
+            };
+            let acl = Acl::from_xattr(&raw).map_err(|e| ArchiveError::Unsupported {
+                member: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            if acl.entries().is_empty() || (!keep_trivial && acl.is_trivial()) {
+                return Ok(None);
+            }
+            let acl = match &self.id_map {
+                Some(m) => acl.map_ids_munged(m, Direction::ToContainer),
+                None => acl,
+            };
+            Ok(Some(acl.to_text()))
+        };
+        let access = acl_of(acl::XATTR_ACL_ACCESS, false)?;
+        let default = if is_dir {
+            acl_of(acl::XATTR_ACL_DEFAULT, true)?
+        } else {
+            None
+        };
+        let mut xattrs = Vec::new();
+        let mut names = target
+            .list()
+            .map_err(|e| ArchiveError::fs("list xattrs", path, e))?;
+        names.sort();
+        for name in names {
+            let is_cap = name == acl::XATTR_CAPABILITY.as_bytes();
+            if !(name.starts_with(b"user.") || is_cap) {
+                continue;
+            }
+            let Some(mut value) = target
+                .get(&name)
+                .map_err(|e| ArchiveError::fs("read xattr", path, e))?
+            else {
+                continue;
+            };
+            if is_cap && let Some(m) = &self.id_map {
+                match acl::map_capability(&value, m, Direction::ToContainer) {
+                    Some(v) => value = v,
+                    None => {
+                        stats.warn(format!(
+                            "{}: security.capability root id is not mapped; not archived",
+                            path.display()
+                        ));
+                        continue;
+                    }
+                }
+            }
+            xattrs.push((name, value));
+        }
+        Ok((access, default, xattrs))
+    }
+
+    fn emit_dir(
+        &mut self,
+        fd: &OwnedFd,
+        name: &[u8],
+        st: &Meta,
+        path: &Path,
+        stats: &mut Stats,
+    ) -> Result<()> {
+        let (acl_access, acl_default, xattrs) =
+            self.collect_attrs(XattrTarget::Fd(fd.as_fd()), path, true, stats)?;
+        stats.dirs += 1;
+        let h = MemberHeader {
+            name,
+            kind: MemberKind::Directory,
+            mode: st.mode,
+            uid: self.map_owner(IdKind::Uid, st.uid),
+            gid: self.map_owner(IdKind::Gid, st.gid),
+            mtime: st.mtime,
+            mtime_nsec: st.mtime_nsec,
+            size: 0,
+            link: None,
+            device: (0, 0),
+            sparse: None,
+            acl_access,
+            acl_default,
+            xattrs: &xattrs,
+        };
+        let bytes = header::encode(&h)?;
+        self.put(&bytes)
+    }
+
+    /// Members without content: symlinks, devices, FIFOs.
+    fn emit_simple(
+        &mut self,
+        name: &[u8],
+        kind: MemberKind,
+        st: &Meta,
+        link: Option<&[u8]>,
+        attrs: Option<(XattrTarget<'_>, &Path)>,
+        stats: &mut Stats,
+    ) -> Result<()> {
+        let (acl_access, acl_default, xattrs) = match attrs {
+            Some((t, p)) => self.collect_attrs(t, p, false, stats)?,
+            None => (None, None, Vec::new()),
+        };
+        let h = MemberHeader {
+            name,
+            kind,
+            mode: st.mode,
+            uid: self.map_owner(IdKind::Uid, st.uid),
+            gid: self.map_owner(IdKind::Gid, st.gid),
+            mtime: st.mtime,
+            mtime_nsec: st.mtime_nsec,
+            size: 0,
+            link,
+            device: (rustix::fs::major(st.rdev), rustix::fs::minor(st.rdev)),
+            sparse: None,
+            acl_access,
+            acl_default,
+            xattrs: &xattrs,
+        };
+        let bytes = header::encode(&h)?;
+        self.put(&bytes)
+    }
+
+    /// Emit a hard-link member if this inode was archived before; otherwise
+    /// remember it and return false.
+    fn emit_hardlink_if_seen(
+        &mut self,
+        member: &[u8],
+        st: &Meta,
+        stats: &mut Stats,
+    ) -> Result<bool> {
+        let key = (st.dev, st.ino);
+        if let Some((first, left)) = self.links.get_mut(&key) {
+            let target = first.clone();
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.links.remove(&key);
+            }
+            stats.hardlinks += 1;
+            self.emit_simple(member, MemberKind::HardLink, st, Some(&target), None, stats)?;
+            return Ok(true);
+        }
+        self.links.insert(key, (member.to_vec(), st.nlink - 1));
+        Ok(false)
+    }
+
+    fn emit_file(
+        &mut self,
+        src: &Source<'_>,
+        member: &[u8],
+        lst: &Meta,
+        stats: &mut Stats,
+    ) -> Result<()> {
+        let fd = match rustix::fs::openat(
+            src.dirfd,
+            src.name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => {
+                stats.warn(format!(
+                    "{}: File removed before we read it",
+                    src.path.display()
+                ));
+                return Ok(());
+            }
+            Err(e) => return Err(ArchiveError::fs("open", &src.path, e.into())),
+        };
+        let st = Meta::from_stat(
+            &rustix::fs::fstat(&fd).map_err(|e| ArchiveError::fs("stat", &src.path, e.into()))?,
+        );
+        if st.file_type() != FileType::RegularFile {
+            stats.warn(format!(
+                "{}: file changed type while read; not archived",
+                src.path.display()
+            ));
+            return Ok(());
+        }
+        if (st.dev, st.ino) != (lst.dev, lst.ino) {
+            stats.warn(format!("{}: file replaced while read", src.path.display()));
+        }
+        if st.nlink > 1 && self.emit_hardlink_if_seen(member, &st, stats)? {
+            return Ok(());
+        }
+        let (acl_access, acl_default, xattrs) =
+            self.collect_attrs(XattrTarget::Fd(fd.as_fd()), &src.path, false, stats)?;
+        let regions = if st.blocks * 512 < st.size {
+            sparse_map(&fd, st.size).map_err(|e| ArchiveError::fs("scan holes", &src.path, e))?
+        } else {
+            None
+        };
+        let data_size = match &regions {
+            Some(r) => r.iter().map(|r| r.length).sum(),
+            None => st.size,
+        };
+        stats.files += 1;
+        if regions.is_some() {
+            stats.sparse_files += 1;
+        }
+        let h = MemberHeader {
+            name: member,
+            kind: MemberKind::Regular,
+            mode: st.mode,
+            uid: self.map_owner(IdKind::Uid, st.uid),
+            gid: self.map_owner(IdKind::Gid, st.gid),
+            mtime: st.mtime,
+            mtime_nsec: st.mtime_nsec,
+            size: data_size,
+            link: None,
+            device: (0, 0),
+            sparse: regions.as_deref().map(|r| (st.size, r)),
+            acl_access,
+            acl_default,
+            xattrs: &xattrs,
+        };
+        let bytes = header::encode(&h)?;
+        self.put(&bytes)?;
+        let file = File::from(fd);
+        let whole = [SparseRegion {
+            offset: 0,
+            length: st.size,
+        }];
+        let mut short = false;
+        for r in regions.as_deref().unwrap_or(&whole) {
+            short |= self.copy_region(&file, r, &src.path)?;
+        }
+        if short {
+            stats.warn(format!(
+                "{}: file shrank by some bytes; padding with zeros",
+                src.path.display()
+            ));
+        }
+        stats.data_bytes += data_size;
+        self.pad(data_size)
+    }
+
+    /// Copy one region; returns true if the file was shorter than expected
+    /// (the rest is zero-filled so the stream stays consistent).
+    fn copy_region(&mut self, file: &File, r: &SparseRegion, path: &Path) -> Result<bool> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(COPY_BUF, 0);
+        let mut off = r.offset;
+        let end = r.offset + r.length;
+        let mut short = false;
+        let res = (|| {
+            while off < end {
+                let want = usize::try_from(end - off)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                let n = if short {
+                    0
+                } else {
+                    match file.read_at(&mut buf[..want], off) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(ArchiveError::fs("read", path, e)),
+                    }
+                };
+                let n = if n == 0 {
+                    short = true;
+                    buf[..want].fill(0);
+                    want
+                } else {
+                    n
+                };
+                self.put(&buf[..n])?;
+                off += n as u64;
+            }
+            Ok(())
+        })();
+        self.buf = buf;
+        res.map(|()| short)
+    }
+
+    /// Write the end-of-archive marker (two zero blocks), pad to GNU tar's
+    /// 10 KiB record size, and return the output.
+    ///
+    /// # Errors
+    /// A write or flush error.
+    pub fn finish(mut self) -> Result<W> {
+        self.put(&[0u8; 2 * BLOCK])?;
+        let rem = (self.written % RECORD as u64) as usize;
+        if rem != 0 {
+            let zeros = vec![0u8; RECORD - rem];
+            self.put(&zeros)?;
+        }
+        self.out.flush().map_err(ArchiveError::Stream)?;
+        Ok(self.out)
+    }
+}
+
+/// The data regions of a file with holes, or `None` if it has none (or
+/// the file system cannot tell). A file ending in a hole gets the final
+/// `(size, 0)` region GNU tar writes.
+fn sparse_map(fd: &OwnedFd, size: u64) -> std::io::Result<Option<Vec<SparseRegion>>> {
+    let mut regions: Vec<SparseRegion> = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match rustix::fs::seek(fd, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if data >= size {
+            break;
+        }
+        let hole = rustix::fs::seek(fd, SeekFrom::Hole(data))?.min(size);
+        regions.push(SparseRegion {
+            offset: data,
+            length: hole - data,
+        });
+        pos = hole;
+    }
+    if regions.len() == 1 && regions[0].offset == 0 && regions[0].length == size {
+        return Ok(None);
+    }
+    coalesce(&mut regions, MAX_SPARSE_REGIONS);
+    if regions.last().is_none_or(|r| r.offset + r.length < size) {
+        regions.push(SparseRegion {
+            offset: size,
+            length: 0,
+        });
+    }
+    Ok(Some(regions))
+}
+
+/// Merge neighbouring regions until at most `max` remain; merged gaps are
+/// read back as zeros, so content is unchanged.
+fn coalesce(regions: &mut Vec<SparseRegion>, max: usize) {
+    while regions.len() > max {
+        let mut merged = Vec::with_capacity(regions.len() / 2 + 1);
+        for pair in regions.chunks(2) {
+            match pair {
+                [a, b] => merged.push(SparseRegion {
+                    offset: a.offset,
+                    length: b.offset + b.length - a.offset,
+                }),
+                [a] => merged.push(*a),
+                _ => unreachable!("chunks(2)"),
+            }
+        }
+        *regions = merged;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesce_keeps_coverage() {
+        let mut r: Vec<SparseRegion> = (0..10)
+            .map(|i| SparseRegion {
+                offset: i * 100,
+                length: 10,
+            })
+            .collect();
+        coalesce(&mut r, 3);
+        assert!(r.len() <= 3);
+        assert_eq!(r[0].offset, 0);
+        let last = r.last().unwrap();
+        assert_eq!(last.offset + last.length, 910);
+    }
+}
