@@ -204,7 +204,14 @@ fn quota_bind_and_device_mount_points() {
     r.ok("pct", &["unmount", "100"]);
     assert!(r.mounts().is_empty());
     // The device's loop stays attached: vzkit must not detach what it did not attach.
-    assert!(Path::new(&format!("/sys/block/{}", dev.trim_start_matches("/dev/"))).exists());
+    let backing = format!(
+        "/sys/block/{}/loop/backing_file",
+        dev.trim_start_matches("/dev/")
+    );
+    assert!(
+        Path::new(&backing).exists(),
+        "{dev} was detached by pct unmount"
+    );
 }
 
 #[test]

@@ -231,11 +231,28 @@ pub async fn mount(
 /// # Errors
 /// When `umount` fails.
 pub async fn umount(runner: &dyn Runner, target: &Path, lazy: bool) -> Result<(), CommandError> {
+    umount_with(runner, target, lazy, true).await
+}
+
+/// Unmounts `target`; `detach` adds `-d` (free a loop device behind the mount), which must
+/// not be used for loop devices someone else attached.
+///
+/// # Errors
+/// When `umount` fails.
+pub async fn umount_with(
+    runner: &dyn Runner,
+    target: &Path,
+    lazy: bool,
+    detach: bool,
+) -> Result<(), CommandError> {
     let mut cmd = Cmd::new(UMOUNT);
     if lazy {
         cmd = cmd.arg("-l");
     }
-    runner.run(&cmd.arg("-d").arg(target)).await.map(drop)
+    if detach {
+        cmd = cmd.arg("-d");
+    }
+    runner.run(&cmd.arg(target)).await.map(drop)
 }
 
 /// Creates an ext4 filesystem the way PVE formats container volumes.

@@ -254,7 +254,7 @@ impl<'a> Containers<'a> {
         conf.main.set_lock(Some(Lock::Mounted));
         if let Err(e) = self.store.write(vmid, &conf) {
             let runner = self.storages.runner();
-            if let Err(undo) = umount_all(runner.as_ref(), &root).await {
+            if let Err(undo) = umount_all(runner.as_ref(), &root, &device_sources(&mps)).await {
                 warn(format!("unable to unmount again: {undo}"));
             }
             return Err(e);
@@ -273,7 +273,8 @@ impl<'a> Containers<'a> {
         let mut conf = self.store.load(vmid)?;
         let root = self.store.layout().ct_rootfs(vmid);
         let runner = self.storages.runner();
-        umount_all(runner.as_ref(), &root).await?;
+        let devices = device_sources(&conf.mountpoints()?);
+        umount_all(runner.as_ref(), &root, &devices).await?;
         match conf.get("lock") {
             Some("mounted") => {
                 conf.main.set_lock(None);
@@ -320,6 +321,15 @@ impl<'a> Containers<'a> {
         }
         Ok(rows)
     }
+}
+
+/// The host devices of device mount points: they are unmounted without detaching a loop
+/// device behind them, which vzkit did not attach.
+fn device_sources(mps: &[(String, MountPoint)]) -> Vec<String> {
+    mps.iter()
+        .filter(|(_, mp)| mp.kind() == MountPointKind::Device)
+        .map(|(_, mp)| mp.volume.clone())
+        .collect()
 }
 
 /// Sort rank of a volume key: `rootfs` first, then `mpN` by number.

@@ -257,16 +257,22 @@ pub async fn mount_all(
     Ok(done)
 }
 
-/// Unmounts everything mounted at or below `root`, deepest first (`umount -d`).
+/// Unmounts everything mounted at or below `root`, deepest first (`umount -d`, except for
+/// the devices in `keep_attached`: device mount points whose loop device the user attached).
 ///
 /// # Errors
 /// The first unmount failure (the others are still attempted).
-pub async fn umount_all(runner: &dyn Runner, root: &Path) -> Result<usize> {
+pub async fn umount_all(
+    runner: &dyn Runner,
+    root: &Path,
+    keep_attached: &[String],
+) -> Result<usize> {
     let mounts =
         hmount::mounts_below(root).map_err(|e| RuntimeError::io("read mounts", root, e))?;
     let mut first_err = None;
     for m in &mounts {
-        if let Err(e) = hmount::umount(runner, &m.mount_point, false).await {
+        let detach = !keep_attached.contains(&m.source);
+        if let Err(e) = hmount::umount_with(runner, &m.mount_point, false, detach).await {
             first_err.get_or_insert(e);
         }
     }
