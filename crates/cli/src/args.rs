@@ -18,11 +18,8 @@ pub fn is_bool_literal(s: &str) -> bool {
 /// # Errors
 /// A message naming the value otherwise.
 pub fn parse_bool(s: &str) -> Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "1" | "on" | "yes" | "true" => Ok(true),
-        "0" | "off" | "no" | "false" => Ok(false),
-        _ => Err(format!("type check ('boolean') failed - got '{s}'")),
-    }
+    vzkit_host::schema::parse_boolean(s)
+        .ok_or_else(|| format!("type check ('boolean') failed - got '{s}'"))
 }
 
 /// Rewrites PVE-style arguments into clap-style ones. `bool_opts` names the boolean options

@@ -7,4 +7,5 @@ pub mod command;
 pub mod lock;
 pub mod mount;
 pub mod paths;
+pub mod schema;
 pub mod size;

@@ -235,14 +235,7 @@ fn is_perl_space(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0B' | '\x0C')
 }
 
-/// `PVE::JSONSchema::parse_boolean`: `1|true|yes|on` / `0|false|no|off`, case-insensitive.
-pub fn parse_boolean(v: &str) -> Option<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Some(true),
-        "0" | "false" | "no" | "off" => Some(false),
-        _ => None,
-    }
-}
+pub use vzkit_host::schema::parse_boolean;
 
 /// JSON-schema integer check `^[+-]?\d+$`; values beyond `i64` saturate.
 pub fn parse_integer(v: &str) -> Option<i64> {

@@ -79,15 +79,7 @@ pub(crate) fn perl_true(s: &str) -> bool {
     !(s.is_empty() || s == "0")
 }
 
-/// `PVE::JSONSchema::parse_boolean`.
-pub(crate) fn parse_boolean(v: &str) -> Option<bool> {
-    let l = v.to_ascii_lowercase();
-    match l.as_str() {
-        "1" | "on" | "yes" | "true" => Some(true),
-        "0" | "off" | "no" | "false" => Some(false),
-        _ => None,
-    }
-}
+pub(crate) use vzkit_host::schema::parse_boolean;
 
 fn anchored_match(pattern: &str, value: &str) -> bool {
     // Patterns are compile-time constants of this crate; a broken one is a bug that the
