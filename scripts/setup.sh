@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
     acl attr e2fsprogs util-linux mount tar zstd gzip lzop pigz
-    qemu-utils coreutils findutils
+    qemu-utils coreutils findutils btrfs-progs zfs-fuse
 )
 missing=()
 for p in "${packages[@]}"; do

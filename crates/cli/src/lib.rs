@@ -5,4 +5,6 @@ pub mod args;
 pub mod common;
 pub mod output;
 pub mod pct;
+pub mod pveam;
 pub mod pvesm;
+pub mod vzdump;

@@ -1,7 +1,5 @@
-//! `vzdump`: container backups. The backup job is not part of this build yet; the binary
-//! says so instead of pretending to succeed.
+//! `vzdump`: container backups.
 
 fn main() -> std::process::ExitCode {
-    eprintln!("vzdump: container backups are not available in this vzkit build yet");
-    std::process::ExitCode::from(255)
+    vzkit_cli::vzdump::main()
 }
