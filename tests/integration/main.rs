@@ -5,3 +5,8 @@
 mod dir_storage;
 mod pct_mounts;
 mod refusals;
+mod btrfs;
+mod pveam;
+mod restore;
+mod vzdump;
+mod zfspool;
