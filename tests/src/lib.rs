@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod pools;
+
 /// Whether the tests run as root (loop devices and mounts need it).
 #[must_use]
 pub fn is_root() -> bool {

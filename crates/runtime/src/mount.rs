@@ -173,6 +173,10 @@ pub async fn mount_one(
             plugin.activate_volume(&volname, snapshot).await?;
             match plugin.access(&volname, snapshot).await? {
                 VolumeAccess::Directory(src) => {
+                    // zfs keeps ACL support as a dataset property (`acltype`).
+                    if let Some(acl) = mp.acl {
+                        plugin.set_volume_acl(&volname, snapshot, acl).await?;
+                    }
                     if quota {
                         warn("cannot enable quota control for bind mounted subvolumes".into());
                     }

@@ -428,6 +428,21 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
         ))
     }
 
+    /// Applies a mount point's `acl` option to the volume itself, for backends that keep ACL
+    /// support as a volume property (zfs `acltype`, set before the dataset is bind-mounted).
+    /// A no-op elsewhere, where `acl` is a mount option.
+    ///
+    /// # Errors
+    /// When the backend cannot honour the setting.
+    async fn set_volume_acl(
+        &self,
+        _volname: &str,
+        _snapname: Option<&str>,
+        _enabled: bool,
+    ) -> Result<()> {
+        Ok(())
+    }
+
     /// The directory backups are written to, for storages that hold backup archives as files.
     fn backup_dir(&self) -> Option<PathBuf> {
         None
