@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
     acl attr e2fsprogs util-linux mount tar zstd gzip lzop pigz
     qemu-utils coreutils findutils btrfs-progs zfs-fuse
+    lxc lxcfs busybox-static uidmap bridge-utils
 )
 missing=()
 for p in "${packages[@]}"; do

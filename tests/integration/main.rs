@@ -3,6 +3,7 @@
 //! project's test command runs them with `--include-ignored` as root.
 
 mod dir_storage;
+mod lxc;
 mod pct_mounts;
 mod refusals;
 mod btrfs;

@@ -5,6 +5,7 @@ pub mod args;
 pub mod common;
 pub mod output;
 pub mod pct;
+pub mod pct_lifecycle;
 pub mod pveam;
 pub mod pvesm;
 pub mod vzdump;

@@ -331,6 +331,30 @@ impl Runner for SystemRunner {
     }
 }
 
+/// Runs `cmd` in the foreground with this process's stdin, stdout and stderr (for
+/// interactive tools such as `lxc-attach` and `lxc-console`) and returns how it ended.
+/// The timeout and stdin data of `cmd` are not used.
+///
+/// # Errors
+/// [`CommandError::Spawn`] when the program cannot be started.
+pub fn run_foreground(cmd: &Cmd) -> Result<Exit, CommandError> {
+    let mut command = std::process::Command::new(&cmd.program);
+    command.args(&cmd.args);
+    for (k, v) in &cmd.env {
+        command.env(k, v);
+    }
+    let status = command.status().map_err(|source| CommandError::Spawn {
+        cmd: cmd.to_string(),
+        source,
+    })?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(c), _) => Exit::Code(c),
+        (None, Some(s)) => Exit::Signal(s),
+        (None, None) => Exit::Code(-1),
+    })
+}
+
 /// A test double: records every command's argument vector and answers from a queue of
 /// canned outputs (success with empty output when the queue is empty).
 #[derive(Debug, Default)]

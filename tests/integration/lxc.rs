@@ -1,0 +1,675 @@
+//! Real LXC containers through `vzkit_runtime::lxc::Lxc`: a busybox root filesystem on a
+//! loop-mounted ext4 volume allocated by `pct set --rootfs local:SIZE`, started, inspected,
+//! frozen, shut down and stopped; unprivileged containers with shifted ids; hookscripts;
+//! lock refusals; veth networking on a bridge the test creates.
+//!
+//! The tests run one at a time (they share lxcfs, `/etc/subuid` and the bridge name) and
+//! clean up through guards even when an assertion fails: containers are killed, lxcfs (if
+//! the test started it) is stopped by PID, the bridge is removed, `/etc/subuid` and
+//! `/etc/subgid` are restored, and `TestRoot` unmounts volumes and detaches loop devices.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vzkit_host::command::SystemRunner;
+use vzkit_host::paths::Layout;
+use vzkit_runtime::lxc::{CtCgroup, Lxc, StartOptions, State, lxcpath};
+use vzkit_storage::manager::Storages;
+use vzkit_tests::TestRoot;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh").args(["-c", cmd]).output().unwrap()
+}
+
+fn must(cmd: &str) {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn warn(msg: String) {
+    eprintln!("WARN: {msg}");
+}
+
+/// Kills the containers of a root on drop (before `TestRoot` unmounts their volumes).
+struct CtGuard {
+    lxcpath: PathBuf,
+    vmids: Vec<u32>,
+}
+
+impl Drop for CtGuard {
+    fn drop(&mut self) {
+        for vmid in &self.vmids {
+            let _ = Command::new("lxc-stop")
+                .arg("-P")
+                .arg(&self.lxcpath)
+                .args(["-n", &vmid.to_string(), "--kill"])
+                .output();
+        }
+    }
+}
+
+/// lxcfs, started by the test when none is running, stopped by PID on drop.
+struct Lxcfs {
+    child: Option<Child>,
+}
+
+const LXCFS_DIR: &str = "/var/lib/lxcfs";
+
+impl Lxcfs {
+    fn ensure() -> Self {
+        if sh(&format!("mountpoint -q {LXCFS_DIR}")).status.success() {
+            return Self { child: None };
+        }
+        std::fs::create_dir_all(LXCFS_DIR).unwrap();
+        let pidfile = std::env::temp_dir().join(format!("vzkit-lxcfs-{}.pid", std::process::id()));
+        let child = Command::new("lxcfs")
+            .arg("-f")
+            .arg("-p")
+            .arg(&pidfile)
+            .arg(LXCFS_DIR)
+            .spawn()
+            .unwrap();
+        let guard = Self { child: Some(child) };
+        let t = Instant::now();
+        while !Path::new(LXCFS_DIR).join("proc/meminfo").exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "lxcfs did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        guard
+    }
+}
+
+impl Drop for Lxcfs {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if sh(&format!("mountpoint -q {LXCFS_DIR}")).status.success() {
+                let _ = sh(&format!("umount -l {LXCFS_DIR}"));
+            }
+        }
+    }
+}
+
+/// Makes sure `/etc/subuid` and `/etc/subgid` allow root the range 100000:65536; restores
+/// the files on drop.
+struct SubIds {
+    saved: Vec<(PathBuf, Option<Vec<u8>>)>,
+}
+
+impl SubIds {
+    fn ensure() -> Self {
+        let mut saved = Vec::new();
+        for f in ["/etc/subuid", "/etc/subgid"] {
+            let old = std::fs::read(f).ok();
+            let text = String::from_utf8_lossy(old.as_deref().unwrap_or_default()).into_owned();
+            if !text.lines().any(|l| l.trim() == "root:100000:65536") {
+                let mut new = text.clone();
+                if !new.is_empty() && !new.ends_with('\n') {
+                    new.push('\n');
+                }
+                new.push_str("root:100000:65536\n");
+                std::fs::write(f, new).unwrap();
+                saved.push((PathBuf::from(f), old));
+            }
+        }
+        Self { saved }
+    }
+}
+
+impl Drop for SubIds {
+    fn drop(&mut self) {
+        for (f, old) in &self.saved {
+            match old {
+                Some(data) => {
+                    let _ = std::fs::write(f, data);
+                }
+                None => {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+        }
+    }
+}
+
+/// A bridge in the host, removed on drop.
+struct Bridge(&'static str);
+
+impl Bridge {
+    fn create(name: &'static str) -> Self {
+        let _ = sh(&format!("ip link del {name}"));
+        must(&format!(
+            "ip link add {name} type bridge && ip link set {name} up"
+        ));
+        Self(name)
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = sh(&format!("ip link del {}", self.0));
+    }
+}
+
+/// A scratch host with a container `vmid` whose rootfs is an ext4 volume holding a busybox
+/// system (with `/etc/alpine-release`, so guest setup treats it as Alpine).
+fn host_with_ct(vmid: u32, conf: &str, uid: u32) -> (TestRoot, CtGuard) {
+    let r = TestRoot::new();
+    // Unprivileged containers must be able to walk down to their rootfs.
+    std::fs::set_permissions(r.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let guard = CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmids: vec![vmid],
+    };
+    add_ct(&r, vmid, conf, uid);
+    (r, guard)
+}
+
+/// Adds container `vmid` with a busybox rootfs volume to the host `r`.
+fn add_ct(r: &TestRoot, vmid: u32, conf: &str, uid: u32) {
+    r.write(&format!("/etc/pve/lxc/{vmid}.conf"), conf);
+    r.ok("pct", &["set", &vmid.to_string(), "--rootfs", "local:0.1"]);
+    r.ok("pct", &["mount", &vmid.to_string()]);
+    let root = r.join(&format!("/var/lib/lxc/{vmid}/rootfs"));
+    populate_busybox(&root, &format!("ct{vmid}"));
+    if uid != 0 {
+        must(&format!("chown -R -h {uid}:{uid} '{}'", root.display()));
+    }
+    r.ok("pct", &["unmount", &vmid.to_string()]);
+}
+
+fn populate_busybox(root: &Path, hostname: &str) {
+    for d in [
+        "bin",
+        "sbin",
+        "etc/init.d",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "run",
+        "var/log",
+        "usr/bin",
+        "usr/sbin",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    must(&format!(
+        "chroot '{}' /bin/busybox --install -s",
+        root.display()
+    ));
+    std::fs::write(
+        root.join("etc/inittab"),
+        "::sysinit:/etc/init.d/rcS\n::respawn:/bin/sleep 1000000\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/init.d/rcS"),
+        "#!/bin/sh\nhostname -F /etc/hostname\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        root.join("etc/init.d/rcS"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    std::fs::write(root.join("etc/alpine-release"), "3.19.0\n").unwrap();
+    std::fs::write(root.join("etc/hostname"), format!("{hostname}-old\n")).unwrap();
+}
+
+fn storages(r: &TestRoot) -> Storages {
+    Storages::load(Layout::new(r.path()), Arc::new(SystemRunner))
+        .unwrap()
+        .0
+}
+
+async fn exec(lxc: &Lxc<'_>, vmid: u32, cmd: &str) -> String {
+    let out = lxc
+        .exec(vmid, &["/bin/sh".into(), "-c".into(), cmd.into()])
+        .await
+        .unwrap();
+    assert!(out.success(), "{cmd}: {}", out.stderr_str());
+    out.stdout_str()
+}
+
+fn is_mounted(path: &Path) -> bool {
+    sh(&format!("mountpoint -q '{}'", path.display()))
+        .status
+        .success()
+}
+
+#[test]
+#[ignore = "needs root: real LXC containers, loop devices, mounts, lxcfs"]
+fn privileged_container_life_cycle() {
+    let _s = serial();
+    let _lxcfs = Lxcfs::ensure();
+    let conf = "arch: amd64\nhostname: ct901\nmemory: 128\nswap: 64\ncpulimit: 0.5\ncores: 1\n\
+                nameserver: 10.9.0.53\nostype: alpine\n";
+    let (r, _g) = host_with_ct(901, conf, 0);
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let rootfs = r.join("/var/lib/lxc/901/rootfs");
+    rt().block_on(async {
+        assert_eq!(lxc.status(901).await.unwrap(), "stopped");
+        assert_eq!(lxc.init_pid(901).await.unwrap(), None);
+        lxc.start(901, false, &mut warn).await.unwrap();
+        assert_eq!(lxc.status(901).await.unwrap(), "running");
+        assert!(is_mounted(&rootfs));
+        let err = lxc.start(901, false, &mut warn).await.unwrap_err();
+        assert_eq!(err.to_string(), "CT 901 already running");
+
+        // Guest setup ran before start; the hostname reached the kernel's uts namespace.
+        assert_eq!(exec(&lxc, 901, "hostname").await, "ct901\n");
+        assert_eq!(exec(&lxc, 901, "cat /etc/hostname").await, "ct901\n");
+        let hosts = exec(&lxc, 901, "cat /etc/hosts").await;
+        assert!(hosts.contains("# --- BEGIN PVE ---\n"), "{hosts}");
+        assert!(hosts.contains("127.0.1.1 ct901\n"), "{hosts}");
+        assert!(
+            exec(&lxc, 901, "cat /etc/resolv.conf")
+                .await
+                .contains("nameserver 10.9.0.53\n")
+        );
+        // Exit codes and stderr of exec come back.
+        let out = lxc
+            .exec(
+                901,
+                &[
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "echo oops >&2; exit 3".into(),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.exit, vzkit_host::command::Exit::Code(3));
+        assert_eq!(out.stderr_str(), "oops");
+
+        // Limits in the cgroup files and, through lxcfs, inside.
+        let cg = CtCgroup::new(901);
+        assert_eq!(cg.memory_limit().unwrap(), 128 << 20);
+        assert_eq!(cg.memsw_limit().unwrap(), 192 << 20);
+        assert_eq!(cg.read_u64("cpu", "cpu.cfs_quota_us").unwrap(), 50_000);
+        assert_eq!(cg.cpuset().unwrap().len(), 1);
+        let meminfo = exec(&lxc, 901, "grep MemTotal /proc/meminfo").await;
+        assert_eq!(
+            meminfo.split_whitespace().nth(1),
+            Some("131072"),
+            "{meminfo}"
+        );
+
+        // The init PID gives the container's root.
+        let pid = lxc.init_pid(901).await.unwrap().unwrap();
+        let via_proc = std::fs::read_to_string(format!("/proc/{pid}/root/etc/hostname")).unwrap();
+        assert_eq!(via_proc, "ct901\n");
+        let v = lxc.status_verbose(901).await.unwrap();
+        assert_eq!(v["status"], "running");
+        assert_eq!(v["pid"], pid.to_string());
+        assert_eq!(v["maxmem"], (128u64 << 20).to_string());
+        assert!(v["mem"].parse::<u64>().unwrap() > 0);
+
+        // Freeze and thaw, observed in the v1 freezer.
+        lxc.freeze(901).await.unwrap();
+        assert_eq!(lxc.state(901).await.unwrap(), State::Frozen);
+        assert_eq!(cg.freezer_state().unwrap(), "FROZEN");
+        assert_eq!(lxc.status(901).await.unwrap(), "running");
+        lxc.thaw(901).await.unwrap();
+        assert_eq!(cg.freezer_state().unwrap(), "THAWED");
+        assert_eq!(exec(&lxc, 901, "echo alive").await, "alive\n");
+
+        // Clean shutdown: busybox init powers off on SIGPWR within the timeout.
+        let t = Instant::now();
+        lxc.shutdown(901, 20, false, &mut warn).await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(20));
+        assert_eq!(lxc.status(901).await.unwrap(), "stopped");
+        assert!(!is_mounted(&rootfs), "rootfs still mounted after shutdown");
+        // The loop device is gone too (the exiting monitor released it before returning).
+        let image = r.join("/var/lib/vz/images/901/vm-901-disk-0.raw");
+        let assoc = sh(&format!("losetup -j '{}'", image.display()));
+        assert_eq!(String::from_utf8_lossy(&assoc.stdout), "");
+        let err = lxc.stop(901, &mut warn).await.unwrap_err();
+        assert_eq!(err.to_string(), "CT 901 not running");
+
+        // Start again (also while frozen, shutdown works), then a hard stop.
+        lxc.start(901, false, &mut warn).await.unwrap();
+        lxc.freeze(901).await.unwrap();
+        lxc.shutdown(901, 20, false, &mut warn).await.unwrap();
+        assert_eq!(lxc.status(901).await.unwrap(), "stopped");
+        lxc.start(901, false, &mut warn).await.unwrap();
+        lxc.stop(901, &mut warn).await.unwrap();
+        assert_eq!(lxc.status(901).await.unwrap(), "stopped");
+        assert!(!is_mounted(&rootfs));
+
+        // A container that powers itself off keeps its volumes mounted until vzkit cleans up.
+        lxc.start(901, false, &mut warn).await.unwrap();
+        // The attached process dies with the container, so its exit status says nothing.
+        lxc.exec(901, &["/sbin/poweroff".into()]).await.unwrap();
+        let t = Instant::now();
+        while lxc.state(901).await.unwrap() != State::Stopped {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "poweroff did not stop CT 901"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(is_mounted(&rootfs));
+        assert!(lxc.cleanup_stopped(901, &mut warn).await.unwrap());
+        assert!(!is_mounted(&rootfs));
+        assert!(!lxc.cleanup_stopped(901, &mut warn).await.unwrap());
+
+        // An init that ignores the halt signal: shutdown times out, and only `force` kills.
+        let conf_path = r.join("/etc/pve/lxc/901.conf");
+        let text = std::fs::read_to_string(&conf_path).unwrap();
+        std::fs::write(&conf_path, format!("{text}lxc.signal.halt: SIGCONT\n")).unwrap();
+        lxc.start(901, false, &mut warn).await.unwrap();
+        let t = Instant::now();
+        let err = lxc.shutdown(901, 2, false, &mut warn).await.unwrap_err();
+        assert!(t.elapsed() >= Duration::from_secs(2));
+        assert_eq!(
+            err.to_string(),
+            "shutdown of CT 901 failed - still running after 2 seconds"
+        );
+        assert_eq!(lxc.status(901).await.unwrap(), "running");
+        assert!(is_mounted(&rootfs));
+        lxc.shutdown(901, 2, true, &mut warn).await.unwrap();
+        assert_eq!(lxc.status(901).await.unwrap(), "stopped");
+        assert!(!is_mounted(&rootfs));
+    });
+    assert!(!r.read("/etc/pve/lxc/901.conf").contains("lock:"));
+}
+
+#[test]
+#[ignore = "needs root: real LXC containers with user namespaces"]
+fn unprivileged_container_runs_with_shifted_ids() {
+    let _s = serial();
+    let _ids = SubIds::ensure();
+    let conf = "arch: amd64\nhostname: ct902\nmemory: 64\nostype: alpine\nunprivileged: 1\n";
+    let (r, _g) = host_with_ct(902, conf, 100_000);
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let rootfs = r.join("/var/lib/lxc/902/rootfs");
+    // A guest file protected by `.pve-ignore.<name>` survives the start untouched.
+    r.ok("pct", &["mount", "902"]);
+    std::fs::write(rootfs.join("etc/hosts"), "10.1.1.1 mine\n").unwrap();
+    std::fs::write(rootfs.join("etc/.pve-ignore.hosts"), "").unwrap();
+    r.ok("pct", &["unmount", "902"]);
+    rt().block_on(async {
+        lxc.start(902, false, &mut warn).await.unwrap();
+        assert_eq!(exec(&lxc, 902, "cat /etc/hosts").await, "10.1.1.1 mine\n");
+        assert_eq!(exec(&lxc, 902, "cat /etc/hostname").await, "ct902\n");
+        let lxc_conf = std::fs::read_to_string(lxc.ct_dir(902).join("config")).unwrap();
+        assert!(lxc_conf.contains("lxc.idmap = u 0 100000 65536\n"));
+        assert_eq!(exec(&lxc, 902, "id -u").await, "0\n");
+        let pid = lxc.init_pid(902).await.unwrap().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert_eq!(uid_line.split_whitespace().nth(1), Some("100000"));
+        exec(&lxc, 902, "touch /root/made-inside").await;
+        let m = std::fs::metadata(rootfs.join("root/made-inside")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (100_000, 100_000));
+        // Files guest setup wrote belong to the container's root as well.
+        let m = std::fs::metadata(rootfs.join("etc/hostname")).unwrap();
+        assert_eq!(m.uid(), 100_000);
+        lxc.stop(902, &mut warn).await.unwrap();
+        assert!(!is_mounted(&rootfs));
+    });
+}
+
+#[test]
+#[ignore = "needs root: real LXC containers"]
+fn hookscript_phases_locks_and_ostype_checks() {
+    let _s = serial();
+    let (r, _g) = host_with_ct(
+        903,
+        "arch: amd64\nhostname: ct903\nmemory: 64\nostype: alpine\n\
+         hookscript: local:snippets/hook.sh\n",
+        0,
+    );
+    let log = r.join("/hook.log");
+    r.write(
+        "/var/lib/vz/snippets/hook.sh",
+        &format!("#!/bin/sh\necho \"$1 $2\" >> '{}'\n", log.display()),
+    );
+    let hook = r.join("/var/lib/vz/snippets/hook.sh");
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let conf_path = r.join("/etc/pve/lxc/903.conf");
+    let rootfs = r.join("/var/lib/lxc/903/rootfs");
+    let base = std::fs::read_to_string(&conf_path).unwrap();
+    rt().block_on(async {
+        lxc.start(903, false, &mut warn).await.unwrap();
+        lxc.stop(903, &mut warn).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "903 pre-start\n903 post-start\n903 pre-stop\n903 post-stop\n"
+        );
+
+        // A failing pre-start hook aborts the start and leaves nothing mounted.
+        std::fs::write(
+            &hook,
+            "#!/bin/sh\n[ \"$2\" = pre-start ] && exit 7\nexit 0\n",
+        )
+        .unwrap();
+        let err = lxc
+            .start(903, false, &mut warn)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("hookscript error for 903 on pre-start: command"),
+            "{err}"
+        );
+        assert!(err.contains("exit code 7"), "{err}");
+        assert_eq!(lxc.status(903).await.unwrap(), "stopped");
+        assert!(!is_mounted(&rootfs));
+        std::fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
+
+        // `lock: backup` refuses with PVE's message; nothing is mounted.
+        std::fs::write(&conf_path, format!("{base}lock: backup\n")).unwrap();
+        let err = lxc.start(903, false, &mut warn).await.unwrap_err();
+        assert_eq!(err.to_string(), "CT is locked (backup)");
+        assert!(!is_mounted(&rootfs));
+        // A backup job restarts its locked container with `skiplock`; the lock stays.
+        let opts = StartOptions {
+            debug: false,
+            skiplock: true,
+        };
+        lxc.start_with(903, opts, &mut warn).await.unwrap();
+        assert_eq!(
+            lxc.check_lock(903).unwrap_err().to_string(),
+            "CT is locked (backup)"
+        );
+        lxc.shutdown(903, 20, true, &mut warn).await.unwrap();
+        assert!(r.read("/etc/pve/lxc/903.conf").contains("lock: backup\n"));
+        assert!(!is_mounted(&rootfs));
+
+        // `lock: mounted` (pct mount) allows the start; the lock goes away.
+        std::fs::write(&conf_path, &base).unwrap();
+        r.ok("pct", &["mount", "903"]);
+        assert!(r.read("/etc/pve/lxc/903.conf").contains("lock: mounted\n"));
+        lxc.start(903, false, &mut warn).await.unwrap();
+        assert!(!r.read("/etc/pve/lxc/903.conf").contains("lock:"));
+        assert_eq!(exec(&lxc, 903, "cat /etc/hostname").await, "ct903\n");
+        lxc.stop(903, &mut warn).await.unwrap();
+
+        // A configured ostype that differs from the detected one fails the start.
+        std::fs::write(&conf_path, base.replace("ostype: alpine", "ostype: debian")).unwrap();
+        let err = lxc.start(903, false, &mut warn).await.unwrap_err();
+        assert_eq!(err.to_string(), "got unexpected ostype (alpine != debian)");
+        assert!(!is_mounted(&rootfs));
+
+        // A broken raw LXC key makes lxc-start fail: LXC's error and the debug-log hint.
+        std::fs::write(&conf_path, format!("{base}lxc.cgroup.blkio.weight: 200\n")).unwrap();
+        let err = lxc
+            .start(903, false, &mut warn)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("startup for container '903' failed"),
+            "{err}"
+        );
+        assert!(err.contains("blkio.weight"), "{err}");
+        assert!(err.contains("to collect a debug log"), "{err}");
+        assert_eq!(lxc.status(903).await.unwrap(), "stopped");
+        assert!(!is_mounted(&rootfs));
+    });
+}
+
+#[test]
+#[ignore = "needs root: real LXC containers and a host bridge"]
+fn veth_on_a_bridge_with_hwaddr() {
+    let _s = serial();
+    let _br = Bridge::create("vzkbr0");
+    let (r, _g) = host_with_ct(
+        904,
+        "arch: amd64\nhostname: ct904\nmemory: 64\nostype: alpine\n\
+         net0: name=eth0,bridge=vzkbr0,hwaddr=BC:24:11:AA:BB:04,ip=10.250.4.2/24,gw=10.250.4.1,type=veth\n",
+        0,
+    );
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    rt().block_on(async {
+        lxc.start(904, false, &mut warn).await.unwrap();
+        assert_eq!(
+            exec(&lxc, 904, "cat /sys/class/net/eth0/address").await,
+            "bc:24:11:aa:bb:04\n"
+        );
+        // The host end is attached to the bridge.
+        let master = std::fs::read_link("/sys/class/net/veth904i0/master").unwrap();
+        assert_eq!(master.file_name().unwrap(), "vzkbr0");
+        let ifaces = exec(&lxc, 904, "cat /etc/network/interfaces").await;
+        assert!(
+            ifaces.contains(
+                "iface eth0 inet static\n\taddress 10.250.4.2/24\n\tgateway 10.250.4.1\n"
+            ),
+            "{ifaces}"
+        );
+        assert!(
+            exec(&lxc, 904, "cat /etc/hosts")
+                .await
+                .contains("10.250.4.2 ct904\n")
+        );
+        lxc.stop(904, &mut warn).await.unwrap();
+        assert!(!Path::new("/sys/class/net/veth904i0").exists());
+    });
+    // A missing bridge is refused before anything is mounted.
+    drop(_br);
+    let err = rt().block_on(lxc.start(904, false, &mut warn)).unwrap_err();
+    assert_eq!(err.to_string(), "net0: bridge 'vzkbr0' does not exist");
+    assert!(!is_mounted(&r.join("/var/lib/lxc/904/rootfs")));
+}
+
+#[test]
+#[ignore = "needs root: real LXC containers"]
+fn onboot_containers_start_in_startup_order_and_reboot() {
+    let _s = serial();
+    let r = TestRoot::new();
+    let _g = CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmids: vec![905, 906, 907],
+    };
+    let log = r.join("/hook.log");
+    r.write(
+        "/var/lib/vz/snippets/hook.sh",
+        &format!("#!/bin/sh\necho \"$1 $2\" >> '{}'\n", log.display()),
+    );
+    std::fs::set_permissions(
+        r.join("/var/lib/vz/snippets/hook.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let base = "arch: amd64\nmemory: 64\nostype: alpine\nhookscript: local:snippets/hook.sh\n";
+    add_ct(&r, 905, &format!("{base}onboot: 1\nstartup: order=2\n"), 0);
+    add_ct(
+        &r,
+        906,
+        &format!("{base}onboot: 1\nstartup: order=1,up=1\n"),
+        0,
+    );
+    add_ct(&r, 907, base, 0);
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    rt().block_on(async {
+        let t = Instant::now();
+        let results = lxc.start_all(&mut warn).await.unwrap();
+        let ids: Vec<u32> = results.iter().map(|(v, _)| *v).collect();
+        assert_eq!(ids, [906, 905]);
+        for (vmid, res) in &results {
+            assert!(res.is_ok(), "{vmid}: {res:?}");
+        }
+        // `up=1` after 906.
+        assert!(t.elapsed() >= Duration::from_secs(1));
+        assert_eq!(lxc.status(905).await.unwrap(), "running");
+        assert_eq!(lxc.status(906).await.unwrap(), "running");
+        assert_eq!(lxc.status(907).await.unwrap(), "stopped");
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "906 pre-start\n906 post-start\n905 pre-start\n905 post-start\n"
+        );
+        // Running containers are skipped by a second boot.
+        assert!(lxc.start_all(&mut warn).await.unwrap().is_empty());
+
+        // Reboot: a new init, same container.
+        let pid = lxc.init_pid(905).await.unwrap().unwrap();
+        lxc.reboot(905, 20, &mut warn).await.unwrap();
+        let pid2 = lxc.init_pid(905).await.unwrap().unwrap();
+        assert_ne!(pid, pid2);
+        // Without `hostname` the uts name is `CT<vmid>` and /etc/hostname `localhost`, as PVE.
+        assert_eq!(exec(&lxc, 905, "cat /etc/hostname").await, "localhost\n");
+        assert_eq!(
+            lxc.cpusets(&mut warn)
+                .await
+                .unwrap()
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [905, 906]
+        );
+        for vmid in [905, 906] {
+            lxc.stop(vmid, &mut warn).await.unwrap();
+        }
+    });
+}
