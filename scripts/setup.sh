@@ -7,6 +7,7 @@ packages=(
     acl attr e2fsprogs util-linux mount tar zstd gzip lzop pigz
     qemu-utils coreutils findutils btrfs-progs zfs-fuse
     lxc lxcfs busybox-static uidmap bridge-utils
+    linux-image-amd64 qemu-system-x86 lvm2 thin-provisioning-tools quota
 )
 missing=()
 for p in "${packages[@]}"; do

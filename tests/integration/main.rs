@@ -11,3 +11,4 @@ mod pveam;
 mod restore;
 mod vzdump;
 mod zfspool;
+mod vm_lvmthin;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod pools;
+pub mod vm;
 
 /// Whether the tests run as root (loop devices and mounts need it).
 #[must_use]

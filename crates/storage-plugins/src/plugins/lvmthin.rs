@@ -8,8 +8,9 @@
 //! base. The commands are PVE's, with its `/sbin/` paths; `lvs`/`vgs` output is read in
 //! PVE's `--separator :` format by pure functions.
 //!
-//! Tested by argument vectors and captured `lvs`/`vgs` output only: this host's kernel has
-//! no device-mapper, so the real LVM runs need the kernel-VM test tier.
+//! Unit tests pin the argument vectors and parse captured `lvs`/`vgs` output; every operation
+//! also runs against real LVM-thin in the kernel-VM tier (`tests/integration/vm_lvmthin.rs`:
+//! this host's kernel has no device-mapper).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -468,24 +469,41 @@ impl StoragePlugin for LvmThinPlugin {
     async fn volume_snapshot(&self, volname: &str, snap: &str) -> Result<()> {
         Self::check_snapname(snap)?;
         let p = self.parse_volname(volname)?;
-        self.run(Cmd::new(LVCREATE).args([
+        let cmd = Cmd::new(LVCREATE).args([
             "-n",
             &Self::snap_name(&p.name, snap),
             "-pr",
             "-s",
             &self.lv(&p.name),
-        ]))
-        .await
+        ]);
+        match self.runner.run(&cmd).await {
+            Ok(_) => Ok(()),
+            // lvcreate: `Logical Volume "snap_…" already exists in volume group "pve"`.
+            Err(e) if e.stderr().contains("already exists") => {
+                Err(StorageError::AlreadyExists(e.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
+    /// Thin snapshots are independent LVs, so any snapshot can be rolled back to; but it must
+    /// exist. PVE does not check: its rollback removes the volume first and only then finds
+    /// out that the snapshot is missing, losing the volume.
     async fn volume_rollback_is_possible(&self, volname: &str, snap: &str) -> Result<Vec<String>> {
         Self::check_snapname(snap)?;
-        self.parse_volname(volname)?;
+        let p = self.parse_volname(volname)?;
+        let snapvol = Self::snap_name(&p.name, snap);
+        if !self.list_lvs().await?.iter().any(|l| l.name == snapvol) {
+            return Err(StorageError::NotFound(format!(
+                "can't rollback, snapshot '{snap}' does not exist on '{}'",
+                self.volid(volname)
+            )));
+        }
         Ok(Vec::new())
     }
 
     async fn volume_snapshot_rollback(&self, volname: &str, snap: &str) -> Result<()> {
-        Self::check_snapname(snap)?;
+        self.volume_rollback_is_possible(volname, snap).await?;
         let p = self.parse_volname(volname)?;
         self.run(Cmd::new(LVREMOVE).args(["-f", &self.lv(&p.name)]))
             .await?;
@@ -704,12 +722,14 @@ mod tests {
     fn snapshot_rollback_delete() {
         let (p, r) = plugin();
         block_on(p.volume_snapshot("vm-100-disk-0", "s1")).unwrap();
+        r.push_reply(Output::ok(LVS_OUT));
         block_on(p.volume_snapshot_rollback("vm-100-disk-0", "s1")).unwrap();
         block_on(p.volume_snapshot_delete("vm-100-disk-0", "s1")).unwrap();
         assert_eq!(
             r.call_lines(),
             [
                 "/sbin/lvcreate -n snap_vm-100-disk-0_s1 -pr -s pve/vm-100-disk-0",
+                LVS_PREFIX,
                 "/sbin/lvremove -f pve/vm-100-disk-0",
                 "/sbin/lvcreate -kn -n vm-100-disk-0 -s pve/snap_vm-100-disk-0_s1",
                 "/sbin/lvchange --setautoactivation n pve/vm-100-disk-0",
@@ -725,6 +745,27 @@ mod tests {
             block_on(p.volume_snapshot_list("vm-100-disk-0")).unwrap(),
             ["s1"]
         );
+        // An existing snapshot name: lvcreate's error, as AlreadyExists.
+        let (p, r) = plugin();
+        r.push_reply(Output::failed(
+            5,
+            "  Logical Volume \"snap_vm-100-disk-0_s1\" already exists in volume group \"pve\"",
+        ));
+        let err = block_on(p.volume_snapshot("vm-100-disk-0", "s1")).unwrap_err();
+        assert!(matches!(err, StorageError::AlreadyExists(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("already exists in volume group"),
+            "{err}"
+        );
+        // A missing snapshot is refused before anything is removed.
+        let (p, r) = plugin();
+        r.push_reply(Output::ok(LVS_OUT));
+        let err = block_on(p.volume_snapshot_rollback("vm-100-disk-0", "s2")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "can't rollback, snapshot 's2' does not exist on 'local-lvm:vm-100-disk-0'"
+        );
+        assert_eq!(r.call_lines(), [LVS_PREFIX]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! | `dir` | [`dir`] | argument vectors; real files, loop devices and mounts |
 //! | `zfspool` | [`zfspool`] | argument vectors; a real zfs-fuse pool (datasets only: zfs-fuse has no zvols) |
 //! | `btrfs` | [`btrfs`] | argument vectors; a real loop-mounted btrfs with and without quotas |
-//! | `lvmthin` | [`lvmthin`] | argument vectors and captured `lvs`/`vgs` output only (needs device-mapper) |
+//! | `lvmthin` | [`lvmthin`] | argument vectors and captured `lvs`/`vgs` output in unit tests; real LVM-thin in the kernel VM tier (`tests/integration/vm_lvmthin.rs`) |
 
 pub mod btrfs;
 pub mod dir;
