@@ -37,6 +37,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timestamps};
 use rustix::io::Errno;
@@ -186,7 +187,7 @@ pub fn extract<R: Read>(r: R, target_root: &Path, opts: &ExtractOptions) -> Resu
         .map_err(|e| ArchiveError::fs("read", "/etc/passwd or /etc/group", e))?;
     let mut x = Extractor {
         names,
-        root,
+        root: Rc::new(root),
         root_path: target_root.to_path_buf(),
         opts,
         stack: Vec::new(),
@@ -214,6 +215,17 @@ fn is_stream_error(e: &ArchiveError) -> bool {
     )
 }
 
+/// Creates `leaf` in `dir` as a new regular file (mode 0600 until metadata is applied),
+/// never opening an existing file and never following a symbolic link.
+fn create_exclusive(dir: &OwnedFd, leaf: &[u8]) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        leaf,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+}
+
 /// Split a member name into safe components; empty for the root itself.
 fn components(name: &[u8]) -> std::result::Result<Vec<&[u8]>, &'static str> {
     if name.starts_with(b"/") {
@@ -232,11 +244,11 @@ fn components(name: &[u8]) -> std::result::Result<Vec<&[u8]>, &'static str> {
 
 struct Extractor<'o> {
     names: NameDb,
-    root: OwnedFd,
+    root: Rc<OwnedFd>,
     root_path: PathBuf,
     opts: &'o ExtractOptions,
     /// Open directories of the last resolved parent path, from the root down.
-    stack: Vec<(Vec<u8>, OwnedFd)>,
+    stack: Vec<(Vec<u8>, Rc<OwnedFd>)>,
     delayed: Vec<DelayedDir>,
     report: ExtractReport,
     buf: Vec<u8>,
@@ -279,7 +291,7 @@ impl Extractor<'_> {
 
     /// Open the directory `comps` below the root without following
     /// symlinks, creating missing ones if `create`. Returns a dup of its fd.
-    fn open_dir(&mut self, comps: &[&[u8]], create: bool, member: &[u8]) -> Result<OwnedFd> {
+    fn open_dir(&mut self, comps: &[&[u8]], create: bool, member: &[u8]) -> Result<Rc<OwnedFd>> {
         let common = self
             .stack
             .iter()
@@ -345,14 +357,13 @@ impl Extractor<'_> {
                     ));
                 }
             };
-            self.stack.push((comp.to_vec(), fd));
+            self.stack.push((comp.to_vec(), Rc::new(fd)));
         }
-        let top = match self.stack.last() {
-            Some((_, fd)) => fd.as_fd(),
-            None => self.root.as_fd(),
-        };
-        top.try_clone_to_owned()
-            .map_err(|e| ArchiveError::fs("dup", self.path_of(comps), e))
+        // A shared handle, not a dup: no system call per member.
+        Ok(match self.stack.last() {
+            Some((_, fd)) => Rc::clone(fd),
+            None => Rc::clone(&self.root),
+        })
     }
 
     fn entry<R: Read>(&mut self, rd: &mut ArchiveReader<R>, e: &Entry) -> Result<()> {
@@ -393,11 +404,27 @@ impl Extractor<'_> {
         let leaf: &[u8] = leaf;
         let dir = self.open_dir(parents, true, &e.name)?;
         let path = self.path_of(&comps);
-        let existing = match rustix::fs::statat(&dir, leaf, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => Some(Meta::from_stat(&st)),
-            Err(Errno::NOENT) => None,
-            Err(err) => return Err(ArchiveError::fs("stat", &path, err.into())),
+        // Regular files (most members) are created first and looked at only if the name
+        // exists: one system call less per file. O_EXCL|O_NOFOLLOW never opens an existing
+        // file or follows a link.
+        let mut created = None;
+        if kind == MemberKind::Regular {
+            match create_exclusive(&dir, leaf) {
+                Ok(fd) => created = Some(fd),
+                Err(Errno::EXIST) => {}
+                Err(err) => return Err(ArchiveError::fs("create", &path, err.into())),
+            }
+        }
+        let existing = if created.is_some() {
+            None
+        } else {
+            match rustix::fs::statat(&dir, leaf, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => Some(Meta::from_stat(&st)),
+                Err(Errno::NOENT) => None,
+                Err(err) => return Err(ArchiveError::fs("stat", &path, err.into())),
+            }
         };
+
         if let Some(ex) = existing {
             let ex_dir = ex.file_type() == FileType::Directory;
             if kind == MemberKind::Directory && ex_dir {
@@ -441,17 +468,11 @@ impl Extractor<'_> {
                 });
             }
             MemberKind::Regular => {
-                let fd = rustix::fs::openat(
-                    &dir,
-                    leaf,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|err| ArchiveError::fs("create", &path, err.into()))?;
+                let fd = match created {
+                    Some(fd) => fd,
+                    None => create_exclusive(&dir, leaf)
+                        .map_err(|err| ArchiveError::fs("create", &path, err.into()))?,
+                };
                 let file = File::from(fd);
                 self.write_content(rd, e, &file, &path)?;
                 self.apply(Target::Fd(file.as_fd()), &attrs, &path, false)?;
@@ -549,7 +570,15 @@ impl Extractor<'_> {
     }
 
     fn apply(&mut self, t: Target<'_>, a: &Attrs, path: &Path, is_dir: bool) -> Result<()> {
-        let (uid, gid) = self.map_owner(a)?;
+        let (uid, gid) = match self.map_owner(a) {
+            Ok(ids) => ids,
+            Err(e) => {
+                // As tar in the container's user namespace: the entry stays owned by the
+                // container's root, never by host root.
+                self.own_by_mapped_root(t);
+                return Err(e);
+            }
+        };
         let (uid, gid) = (
             Some(rustix::fs::Uid::from_raw(uid)),
             Some(rustix::fs::Gid::from_raw(gid)),
@@ -597,6 +626,21 @@ impl Extractor<'_> {
             }
         }
         .map_err(|e| ArchiveError::fs("set mtime", path, e.into()))
+    }
+
+    /// Best effort: chown `t` to the mapped container root (after an owner that cannot be
+    /// mapped). The caller reports the original error.
+    fn own_by_mapped_root(&self, t: Target<'_>) {
+        let Some(m) = &self.opts.id_map else { return };
+        let uid = m.to_host(IdKind::Uid, 0).map(rustix::fs::Uid::from_raw);
+        let gid = m.to_host(IdKind::Gid, 0).map(rustix::fs::Gid::from_raw);
+        // Failure leaves the entry as created; the member error is reported either way.
+        let _ = match t {
+            Target::Fd(fd) => rustix::fs::fchown(fd, uid, gid),
+            Target::At(dir, name, _) => {
+                rustix::fs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+            }
+        };
     }
 
     /// xattrs and ACLs: failures are warnings (`--warning=no-xattr-write`).

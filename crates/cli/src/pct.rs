@@ -5,12 +5,26 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
+use vzkit_restore::plan::Mode;
+use vzkit_restore::restore::{Level, Request, run as run_restore};
 use vzkit_runtime::ct::{Containers, config_text};
 
 use crate::common;
 use crate::output::{OutputFormat, print_json, table};
 
-const BOOL_OPTS: &[&str] = &["current"];
+const BOOL_OPTS: &[&str] = &[
+    "current",
+    "force",
+    "unique",
+    "ignore-unpack-errors",
+    "start",
+    "unprivileged",
+    "template",
+    "onboot",
+    "protection",
+    "console",
+    "debug",
+];
 
 /// Proxmox VE compatible container toolkit.
 #[derive(Debug, Parser)]
@@ -55,6 +69,18 @@ enum Cmd {
     Mount { vmid: u32 },
     /// Unmount the container's filesystem.
     Unmount { vmid: u32 },
+    /// Restore a container from a vzdump archive (`pct restore <vmid> <archive|-> [OPTIONS]`).
+    Restore {
+        /// `<vmid> <archive>` and `--key value` options (any order).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+    /// Create a container from an OS template (`pct create <vmid> <template> [OPTIONS]`).
+    Create {
+        /// `<vmid> <template>` and `--key value` options (any order).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
     /// List containers.
     List {
         #[arg(long, value_enum, default_value_t)]
@@ -132,6 +158,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Unlock { vmid } => Ok(cts.unlock(vmid)?),
+        Cmd::Restore { args } => restore(&storages, &args, Mode::Restore).await,
+        Cmd::Create { args } => restore(&storages, &args, Mode::Create).await,
         Cmd::Mount { vmid } => {
             let root = cts.mount(vmid, &mut warn).await?;
             println!("mounted CT {vmid} in '{}'", root.display());
@@ -177,6 +205,108 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `pct restore` / `pct create`: positionals `<vmid> <archive>`, options as `--key value`.
+async fn restore(
+    storages: &vzkit_storage::manager::Storages,
+    args: &[String],
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let req = restore_request(args, mode)?;
+    let mut log = |level: Level, msg: String| match level {
+        Level::Info => println!("{msg}"),
+        Level::Warn => eprintln!("{msg}"),
+    };
+    run_restore(storages, &req, &mut log).await?;
+    Ok(())
+}
+
+/// Parses the arguments of `pct restore`/`pct create` into a request.
+fn restore_request(args: &[String], mode: Mode) -> anyhow::Result<Request> {
+    let mut positional = Vec::new();
+    let mut opts: Vec<(String, String)> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        let Some(key) = a.strip_prefix("--").filter(|k| !k.is_empty()) else {
+            positional.push(a.clone());
+            continue;
+        };
+        let (key, value) = match key.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => match args.get(i) {
+                Some(v) => {
+                    i += 1;
+                    (key.to_string(), v.clone())
+                }
+                None => bail!("option '--{key}' needs a value"),
+            },
+        };
+        if opts.iter().any(|(k, _)| *k == key) {
+            bail!("duplicate option '{key}'");
+        }
+        opts.push((key, value));
+    }
+    let [vmid, archive] = positional.as_slice() else {
+        bail!(
+            "usage: pct {} <vmid> <archive> [OPTIONS]",
+            match mode {
+                Mode::Restore => "restore",
+                Mode::Create => "create",
+            }
+        );
+    };
+    let vmid: u32 = vmid
+        .parse()
+        .ok()
+        .filter(|v| (100..=999_999_999).contains(v))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "vmid: invalid format - value '{vmid}' does not look like a valid VM ID"
+            )
+        })?;
+    let mut req = Request {
+        vmid,
+        archive: archive.clone(),
+        storage: "local".into(),
+        mode,
+        force: false,
+        unique: false,
+        ignore_unpack_errors: false,
+        bwlimit: None,
+        unprivileged: None,
+        start: false,
+        params: Vec::new(),
+    };
+    let boolean =
+        |k: &str, v: &str| crate::args::parse_bool(v).map_err(|e| anyhow::anyhow!("{k}: {e}"));
+    for (k, v) in opts {
+        match k.as_str() {
+            "storage" => req.storage = v,
+            "force" => req.force = boolean(&k, &v)?,
+            "unique" => req.unique = boolean(&k, &v)?,
+            "ignore-unpack-errors" => req.ignore_unpack_errors = boolean(&k, &v)?,
+            "start" => req.start = boolean(&k, &v)?,
+            "unprivileged" => req.unprivileged = Some(boolean(&k, &v)?),
+            "restore" => {}
+            "bwlimit" => {
+                let n: f64 = v.parse().ok().filter(|n: &f64| *n >= 0.0).ok_or_else(|| {
+                    anyhow::anyhow!("bwlimit: type check ('number') failed - got '{v}'")
+                })?;
+                req.bwlimit = Some(n);
+            }
+            _ => req.params.push((k, v)),
+        }
+    }
+    if req.unique && mode == Mode::Create {
+        bail!("option 'unique' requires option 'restore'");
+    }
+    if req.force && mode == Mode::Create {
+        bail!("option 'force' is only possible with 'pct restore'");
+    }
+    Ok(req)
 }
 
 /// Splits `--key value` pairs; `--delete a,b` lists keys to remove. A key not followed by a
@@ -247,5 +377,32 @@ mod tests {
         assert_eq!(d, vec!["mp1", "mp2"]);
         assert!(parse_set_options(&v("hostname x")).is_err());
         assert!(parse_set_options(&v("--a 1 --a 2")).is_err());
+    }
+
+    #[test]
+    fn restore_arguments() {
+        let r = restore_request(
+            &v("101 local:backup/vzdump-lxc-100-2026_01_01-00_00_00.tar.zst --storage s2 --force 1 --rootfs 8 --hostname h --bwlimit 1024 --unprivileged 0"),
+            Mode::Restore,
+        )
+        .unwrap();
+        assert_eq!(r.vmid, 101);
+        assert_eq!(r.storage, "s2");
+        assert!(r.force);
+        assert_eq!(r.unprivileged, Some(false));
+        assert_eq!(r.bwlimit, Some(1024.0));
+        assert_eq!(
+            r.params,
+            vec![
+                ("rootfs".into(), "8".into()),
+                ("hostname".into(), "h".into())
+            ]
+        );
+        let r = restore_request(&v("--rootfs local:1 102 -"), Mode::Restore).unwrap();
+        assert_eq!((r.vmid, r.archive.as_str()), (102, "-"));
+        assert!(restore_request(&v("102"), Mode::Restore).is_err());
+        assert!(restore_request(&v("99 a.tar"), Mode::Restore).is_err());
+        assert!(restore_request(&v("102 a.tar --force 1"), Mode::Create).is_err());
+        assert!(restore_request(&v("102 a.tar --x 1 --x 2"), Mode::Restore).is_err());
     }
 }

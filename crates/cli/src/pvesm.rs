@@ -70,6 +70,11 @@ enum Cmd {
     },
     /// Get filesystem path for specified volume.
     Path { volume: String },
+    /// Extract configuration from vzdump backup archive.
+    Extractconfig {
+        /// Volume identifier or path of the backup archive.
+        volume: String,
+    },
     /// Prune backups. Only those using the standard naming scheme are considered.
     PruneBackups {
         storage: String,
@@ -130,6 +135,15 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             format,
         } => alloc(&storage, vmid, &filename, &size, format).await,
         Cmd::Free { volume, storage } => free(&volume, storage).await,
+        Cmd::Extractconfig { volume } => {
+            use std::io::Write;
+            let st = common::storages()?;
+            let text = vzkit_restore::extractconfig::extract_config(&st, &volume).await?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&text)?;
+            out.flush()?;
+            Ok(())
+        }
         Cmd::Path { volume } => {
             let st = common::storages()?;
             println!("{}", st.path(&volume, None).await?.display());
