@@ -45,6 +45,16 @@ pub fn read_defaults(text: Option<&str>, filename: &str) -> (JobOptions, Vec<Str
 /// Parse the text of `/etc/vzdump.conf` (`filename` only appears in warnings) and fill the
 /// schema defaults for keys not set. Never fails.
 pub fn parse_vzdump_conf(text: &str, filename: &str) -> (JobOptions, Vec<String>) {
+    let (opts, _explicit, warnings) = parse_vzdump_conf_explicit(text, filename);
+    (opts, warnings)
+}
+
+/// As [`parse_vzdump_conf`], and also the options the file sets itself (before the schema
+/// defaults are filled in), so that callers can tell "set to the default" from "not set".
+pub fn parse_vzdump_conf_explicit(
+    text: &str,
+    filename: &str,
+) -> (JobOptions, JobOptions, Vec<String>) {
     let mut warnings = Vec::new();
     let mut scalars: BTreeMap<String, String> = BTreeMap::new();
     let mut arrays: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -89,6 +99,7 @@ pub fn parse_vzdump_conf(text: &str, filename: &str) -> (JobOptions, Vec<String>
         warnings.push(format!("parse error in '{filename}' - '{key}': {message}"));
     }
 
+    let explicit = opts.clone();
     fill_schema_defaults(&mut opts);
 
     if opts.storage.is_some() && opts.dumpdir.is_some() {
@@ -97,7 +108,7 @@ pub fn parse_vzdump_conf(text: &str, filename: &str) -> (JobOptions, Vec<String>
         ));
         opts.dumpdir = None;
     }
-    (opts, warnings)
+    (opts, explicit, warnings)
 }
 
 fn fill_schema_defaults(o: &mut JobOptions) {
