@@ -6,6 +6,7 @@ pub mod common;
 pub mod output;
 pub mod pct;
 pub mod pct_lifecycle;
+pub mod pct_snapshot;
 pub mod pveam;
 pub mod pvesm;
 pub mod vzdump;

@@ -12,5 +12,6 @@ pub mod hook;
 pub mod lxc;
 pub mod mount;
 pub mod setup;
+pub mod snapshot;
 pub mod store;
 pub mod usage;
