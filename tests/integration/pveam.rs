@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use vzkit_tests::{TestRoot, is_root};
 
-use super::restore::common;
+use crate::common;
 
 /// A one-thread HTTP/1.0 server of fixed paths; stopped on drop.
 struct Server {

@@ -15,8 +15,7 @@ use std::process::{Command, Stdio};
 
 use vzkit_tests::{TestRoot, bin, is_root};
 
-#[path = "../../crates/archive/tests/common/mod.rs"]
-pub(crate) mod common;
+use crate::common;
 
 const ROOT: &str = "needs root: loop devices, ext4 images, mounts, chown, mknod";
 const DUMP: &str = "/var/lib/vz/dump";

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use vzkit_tests::{TestRoot, bin};
 
-#[path = "../../crates/archive/tests/common/mod.rs"]
-mod common;
+use crate::common;
 
 use common::{COMMON_TAR_FLAGS, build_fixture, noise, run, snapshot};
 

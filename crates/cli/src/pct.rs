@@ -28,7 +28,13 @@ const BOOL_OPTS: &[&str] = &[
 
 /// Proxmox VE compatible container toolkit.
 #[derive(Debug, Parser)]
-#[command(name = "pct", version)]
+#[command(
+    name = "pct",
+    version,
+    after_help = "More commands (see `pct <command> --help`):\n  \
+        lifecycle: start, stop, shutdown, reboot, suspend, resume, status, exec, enter, console, cpusets\n  \
+        snapshots: snapshot, rollback, delsnapshot, listsnapshot, template, clone"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -91,6 +97,13 @@ enum Cmd {
 /// Entry point of the `pct` binary.
 #[must_use]
 pub fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(cmd) = argv.get(1)
+        && let Some(code) = crate::pct_lifecycle::dispatch(cmd, &argv[2..])
+            .or_else(|| crate::pct_snapshot::dispatch(cmd, &argv[2..]))
+    {
+        return code;
+    }
     let cli: Cli = common::parse_args(BOOL_OPTS);
     common::run(dispatch(cli.cmd))
 }
