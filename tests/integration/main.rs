@@ -16,4 +16,3 @@ mod snapshots;
 mod vm_lvmthin;
 mod vzdump;
 mod zfspool;
-mod vzdump_running;
