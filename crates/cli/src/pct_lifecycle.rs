@@ -120,20 +120,9 @@ pub fn dispatch(cmd: &str, args: &[String]) -> Option<ExitCode> {
     if !COMMANDS.contains(&cmd) {
         return None;
     }
-    let mut argv = vec!["pct".to_string(), cmd.to_string()];
-    argv.extend(args.iter().cloned());
-    let argv = crate::args::normalize(argv, BOOL_OPTS);
-    let cli = match Cli::try_parse_from(argv) {
+    let cli: Cli = match common::parse_subcommand("pct", cmd, args, BOOL_OPTS) {
         Ok(c) => c,
-        Err(e) => {
-            // Help and version go to stdout with success; usage errors exit 255 like PVE.
-            let _ = e.print();
-            return Some(if e.use_stderr() {
-                ExitCode::from(255)
-            } else {
-                ExitCode::SUCCESS
-            });
-        }
+        Err(code) => return Some(code),
     };
     let mut code = ExitCode::SUCCESS;
     let res = common::run(run(cli.cmd, &mut code));

@@ -102,19 +102,9 @@ pub fn dispatch(cmd: &str, args: &[String]) -> Option<ExitCode> {
     if !COMMANDS.contains(&cmd) {
         return None;
     }
-    let mut argv = vec!["pct".to_string(), cmd.to_string()];
-    argv.extend(args.iter().cloned());
-    let argv = crate::args::normalize(argv, BOOL_OPTS);
-    let cli = match Cli::try_parse_from(argv) {
+    let cli: Cli = match common::parse_subcommand("pct", cmd, args, BOOL_OPTS) {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return Some(if e.use_stderr() {
-                ExitCode::from(255)
-            } else {
-                ExitCode::SUCCESS
-            });
-        }
+        Err(code) => return Some(code),
     };
     Some(common::run(run(cli.cmd)))
 }

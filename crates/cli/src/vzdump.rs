@@ -205,15 +205,9 @@ pub fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => e.exit(),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match common::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("unable to start runtime: {e}");
-            return ExitCode::from(255);
-        }
+        Err(code) => return code,
     };
     let res = rt.block_on(async {
         let storages = common::storages().map_err(|e| vzkit_vzdump::job::JobFailure {
