@@ -16,3 +16,4 @@ mod snapshots;
 mod vm_lvmthin;
 mod vzdump;
 mod zfspool;
+mod vzdump_running;

@@ -6,12 +6,14 @@
 //! snapshot mode) and for the pid of its init (suspend mode copies from
 //! `/proc/<pid>/root`). Archive code never calls it.
 //!
-//! [`LxcTools`] is the implementation over the LXC command-line tools, as PVE's LXC plugin
-//! uses them (`lxc-info`, `lxc-stop --nokill --timeout`, `lxc-start`, `lxc-freeze`,
-//! `lxc-unfreeze`). It only reports what it can observe: without `lxc-info` on the host no
-//! container can be running, so every container is reported stopped. The LXC runtime issue
-//! brings the real lifecycle (PVE starts containers through `systemctl start
-//! pve-container@<vmid>`); this trait is where it plugs in.
+//! [`RuntimeGuests`], the job's default, is the implementation over vzkit's container runtime
+//! ([`vzkit_runtime::lxc::Lxc`], LXC with vzkit's private lxcpath): a shutdown unmounts the
+//! container's volumes and runs its hookscript as `pct shutdown` does, and the restart after
+//! a stop-mode backup starts with `skiplock`, because the job still holds `lock: backup`.
+//! [`LxcTools`] is the thin variant over the bare LXC command-line tools (`lxc-info`,
+//! `lxc-stop --nokill --timeout`, `lxc-start`, `lxc-freeze`, `lxc-unfreeze`) without
+//! vzkit's mount handling; it only reports what it can observe: without `lxc-info` on the
+//! host no container can be running.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +22,11 @@ use std::time::Duration;
 use vzkit_host::command::{Cmd, Runner};
 use vzkit_host::paths::Layout;
 
+use vzkit_runtime::lxc::{Lxc, StartOptions};
+use vzkit_storage::manager::Storages;
+
 use crate::error::{Error, Result};
+use crate::log::TaskLog;
 
 /// `lxc-info`
 pub const LXC_INFO: &str = "lxc-info";
@@ -200,6 +206,107 @@ impl GuestControl for LxcTools {
         out.trim()
             .parse()
             .map_err(|_| Error::msg(format!("unable to get PID for CT {vmid} (not running?)")))
+    }
+}
+
+/// [`GuestControl`] over vzkit's container runtime; see the module docs.
+#[derive(Debug, Clone)]
+pub struct RuntimeGuests {
+    storages: Storages,
+    log: Option<TaskLog>,
+}
+
+impl RuntimeGuests {
+    /// The containers of the host `storages` belong to; runtime warnings go to `log`.
+    #[must_use]
+    pub fn new(storages: Storages, log: Option<TaskLog>) -> Self {
+        RuntimeGuests { storages, log }
+    }
+
+    fn lxc(&self) -> Lxc<'_> {
+        Lxc::new(&self.storages)
+    }
+
+    /// Runs a runtime operation that reports warnings through a callback. The runtime's
+    /// futures are not `Send` (the callback is a plain `&mut dyn FnMut`), so the operation
+    /// runs on a blocking thread of the job's runtime.
+    async fn with_warnings<F>(&self, op: F) -> Result<()>
+    where
+        F: for<'a> FnOnce(
+                &'a Lxc<'a>,
+                &'a mut dyn FnMut(String),
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = vzkit_runtime::error::Result<()>> + 'a>,
+            > + Send
+            + 'static,
+    {
+        let storages = self.storages.clone();
+        let handle = tokio::runtime::Handle::current();
+        let (res, warnings) = tokio::task::spawn_blocking(move || {
+            let lxc = Lxc::new(&storages);
+            let mut warnings = Vec::new();
+            let res = {
+                let mut warn = |w: String| warnings.push(w);
+                handle.block_on(op(&lxc, &mut warn))
+            };
+            (res, warnings)
+        })
+        .await
+        .map_err(|e| Error::msg(format!("container operation failed - {e}")))?;
+        warnings.into_iter().for_each(|w| self.warn(w));
+        Ok(res?)
+    }
+
+    fn warn(&self, msg: String) {
+        match &self.log {
+            Some(log) => log.warn(msg),
+            None => eprintln!("WARN: {msg}"),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl GuestControl for RuntimeGuests {
+    async fn status(&self, vmid: u32) -> Result<GuestStatus> {
+        Ok(if self.lxc().state(vmid).await?.is_running() {
+            GuestStatus::Running
+        } else {
+            GuestStatus::Stopped
+        })
+    }
+
+    async fn shutdown(&self, vmid: u32, timeout: Duration) -> Result<()> {
+        let secs = timeout.as_secs();
+        self.with_warnings(move |lxc, warn| {
+            Box::pin(async move { lxc.shutdown(vmid, secs, false, warn).await })
+        })
+        .await
+    }
+
+    async fn start(&self, vmid: u32) -> Result<()> {
+        let opts = StartOptions {
+            debug: false,
+            skiplock: true,
+        };
+        self.with_warnings(move |lxc, warn| {
+            Box::pin(async move { lxc.start_with(vmid, opts, warn).await })
+        })
+        .await
+    }
+
+    async fn freeze(&self, vmid: u32) -> Result<()> {
+        Ok(self.lxc().freeze(vmid).await?)
+    }
+
+    async fn thaw(&self, vmid: u32) -> Result<()> {
+        Ok(self.lxc().thaw(vmid).await?)
+    }
+
+    async fn root_pid(&self, vmid: u32) -> Result<u32> {
+        self.lxc()
+            .init_pid(vmid)
+            .await?
+            .ok_or_else(|| Error::msg(format!("unable to get PID for CT {vmid} (not running?)")))
     }
 }
 

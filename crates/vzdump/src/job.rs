@@ -29,7 +29,7 @@ use vzkit_storage::manager::Storages;
 
 use crate::conf::parse_vzdump_conf_explicit;
 use crate::error::{Error, Result};
-use crate::guest::{GuestControl, LxcTools};
+use crate::guest::{GuestControl, RuntimeGuests};
 use crate::hook::HookScript;
 use crate::log::{Level, TaskLog};
 use crate::notes::verify_notes_template;
@@ -56,7 +56,7 @@ pub struct JobEnv {
     pub layout: Layout,
     /// Storages (from `storage.cfg`).
     pub storages: Storages,
-    /// Container state and lifecycle (default: [`LxcTools`]).
+    /// Container state and lifecycle (default: [`RuntimeGuests`]).
     pub guest: Option<Arc<dyn GuestControl>>,
     /// Whether stderr is a terminal (progress bar).
     pub stderr_is_tty: bool,
@@ -464,7 +464,7 @@ async fn run_job_inner(env: JobEnv, params: Vec<(String, String)>, quiet: &mut b
     );
     let guest: Arc<dyn GuestControl> = env
         .guest
-        .unwrap_or_else(|| Arc::new(LxcTools::new(Arc::clone(&runner), &layout)));
+        .unwrap_or_else(|| Arc::new(RuntimeGuests::new(env.storages.clone(), Some(log.clone()))));
     let ctx = JobContext {
         layout: layout.clone(),
         storages: env.storages,

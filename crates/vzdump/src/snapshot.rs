@@ -140,7 +140,8 @@ fn expect_lock(conf: &CtConfig, want: Option<Lock>) -> Result<()> {
 
 /// `snapshot_create($vmid, 'vzdump', 0, "vzdump backup snapshot")` for a container holding
 /// `held` (vzdump: `backup`), which it holds again afterwards. `freeze` is the running
-/// container's controller (frozen while the volumes are snapshotted). `now` is the
+/// container's controller (frozen, and the host's filesystems synced, while the volumes are
+/// snapshotted). `now` is the
 /// `snaptime`.
 ///
 /// # Errors
@@ -199,6 +200,12 @@ pub async fn snapshot_create(
         match g.freeze(vmid).await {
             Ok(()) => frozen = true,
             Err(e) => res = Err(e),
+        }
+        // PVE's `sync_container_namespace`: with the processes frozen, flush what they
+        // wrote so far (a guest filesystem on a loop-mounted image keeps it in the page
+        // cache, where a storage snapshot of the image would not see it).
+        if frozen && let Err(e) = tokio::task::spawn_blocking(rustix::fs::sync).await {
+            res = Err(Error::msg(format!("unable to sync CT {vmid} - {e}")));
         }
     }
     if res.is_ok() {

@@ -414,8 +414,13 @@ async fn run_steps(ctx: &JobContext, t: &mut Task) -> Result<()> {
                 t.vmstoptime = Some(Instant::now());
                 hooks.run("pre-stop", Some(&t.hook), log).await?;
                 let wait = u64::try_from(opts.stopwait.unwrap_or(10)).unwrap_or(10) * 60;
-                ctx.guest.shutdown(vmid, Duration::from_secs(wait)).await?;
-                t.restart = true;
+                let res = ctx.guest.shutdown(vmid, Duration::from_secs(wait)).await;
+                // A shutdown that failed after the container stopped (an unmount, a
+                // hookscript) still needs the restart.
+                if res.is_ok() || ctx.guest.status(vmid).await? == GuestStatus::Stopped {
+                    t.restart = true;
+                }
+                res?;
             }
         }
         Mode::Suspend => {
@@ -429,9 +434,12 @@ async fn run_steps(ctx: &JobContext, t: &mut Task) -> Result<()> {
             t.resume = true;
             rsync_phase(ctx, t, false).await?;
             log.info("resuming guest");
-            t.resume = false;
-            hooks.run("pre-restart", Some(&t.hook), log).await?;
+            // The guest is thawed even when the hook fails; a failed thaw is retried by
+            // the cleanup.
+            let hook = hooks.run("pre-restart", Some(&t.hook), log).await;
             ctx.guest.thaw(vmid).await?;
+            t.resume = false;
+            hook?;
             hooks.run("post-restart", Some(&t.hook), log).await?;
             online_again(log, t);
         }
@@ -826,11 +834,16 @@ async fn archive(
         }
     }
     ctx.check()?;
-    let (excludes, warnings) = exclude_set(&ctx.exclude_patterns, t.unprivileged);
+    let (mut excludes, warnings) = exclude_set(&ctx.exclude_patterns, t.unprivileged);
     if t.mode != Mode::Suspend {
         for w in warnings {
             log.warn(w);
         }
+    } else {
+        // The copy in the temporary directory also holds the config files `assemble` wrote
+        // there; they lead the archive already and are not repeated in the tree.
+        excludes.add_anchored("./etc/vzdump/pct.conf");
+        excludes.add_anchored("./etc/vzdump/pct.fw");
     }
     let job = ArchiveJob {
         config,
@@ -919,7 +932,10 @@ async fn cleanup(ctx: &JobContext, t: &mut Task) {
     }
     if t.resume || t.restart {
         let res: Result<()> = async {
-            ctx.hooks.run("pre-restart", Some(&t.hook), log).await?;
+            // A failing hook does not keep the guest frozen or stopped.
+            if let Err(e) = ctx.hooks.run("pre-restart", Some(&t.hook), log).await {
+                log.warn(e.to_string());
+            }
             if t.resume {
                 log.info("resume vm");
                 ctx.guest.thaw(vmid).await?;

@@ -1,0 +1,969 @@
+//! `vzdump` on running containers: real busybox containers started through the runtime
+//! (`vzkit_runtime::lxc::Lxc`), backed up by the real `vzdump` binary in stop mode,
+//! snapshot mode on btrfs (storage snapshots mounted read-only) and snapshot mode on `dir`
+//! raw volumes (falling back to suspend mode: rsync, freeze, final rsync, thaw), and an
+//! unprivileged container in suspend and stop mode. A writer inside each container keeps
+//! appending to a file during the backups; GNU tar reads the archives, and one backup is
+//! restored with `pct restore` and started. Failing hooks and SIGTERM must leave the
+//! container running, unlocked and without a `vzdump` snapshot.
+//!
+//! The tests run one at a time (they share lxcfs) and clean up through guards even when an
+//! assertion fails: containers are killed, lxcfs (if a test started it) is stopped by PID,
+//! `TestRoot` unmounts volumes and detaches loop devices, `BtrfsFs` unmounts its image.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vzkit_host::command::SystemRunner;
+use vzkit_host::paths::Layout;
+use vzkit_runtime::lxc::{Lxc, State, lxcpath};
+use vzkit_storage::manager::Storages;
+use vzkit_tests::TestRoot;
+use vzkit_tests::pools::BtrfsFs;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn sh(cmd: &str) -> Output {
+    Command::new("sh").args(["-c", cmd]).output().unwrap()
+}
+
+fn must(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn warn(msg: String) {
+    eprintln!("WARN: {msg}");
+}
+
+/// Thaws and kills the container of a root on drop (before `TestRoot` unmounts its
+/// volumes).
+struct CtGuard {
+    lxcpath: PathBuf,
+    vmid: u32,
+}
+
+impl Drop for CtGuard {
+    fn drop(&mut self) {
+        // A frozen container cannot be killed: thaw it first.
+        let _ = Command::new("lxc-unfreeze")
+            .arg("-P")
+            .arg(&self.lxcpath)
+            .args(["-n", &self.vmid.to_string()])
+            .output();
+        let _ = Command::new("lxc-stop")
+            .arg("-P")
+            .arg(&self.lxcpath)
+            .args(["-n", &self.vmid.to_string(), "--kill"])
+            .output();
+    }
+}
+
+/// lxcfs, started by the test when none is running, stopped by PID on drop.
+struct Lxcfs {
+    child: Option<Child>,
+}
+
+const LXCFS_DIR: &str = "/var/lib/lxcfs";
+
+impl Lxcfs {
+    fn ensure() -> Self {
+        if sh(&format!("mountpoint -q {LXCFS_DIR}")).status.success() {
+            return Self { child: None };
+        }
+        std::fs::create_dir_all(LXCFS_DIR).unwrap();
+        let pidfile =
+            std::env::temp_dir().join(format!("vzkit-lxcfs-vzd-{}.pid", std::process::id()));
+        let child = Command::new("lxcfs")
+            .arg("-f")
+            .arg("-p")
+            .arg(&pidfile)
+            .arg(LXCFS_DIR)
+            .spawn()
+            .unwrap();
+        let guard = Self { child: Some(child) };
+        let t = Instant::now();
+        while !Path::new(LXCFS_DIR).join("proc/meminfo").exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "lxcfs did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        guard
+    }
+}
+
+impl Drop for Lxcfs {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if sh(&format!("mountpoint -q {LXCFS_DIR}")).status.success() {
+                let _ = sh(&format!("umount -l {LXCFS_DIR}"));
+            }
+        }
+    }
+}
+
+/// Makes sure `/etc/subuid` and `/etc/subgid` allow root the range 100000:65536; restores
+/// the files on drop.
+struct SubIds {
+    saved: Vec<(PathBuf, Option<Vec<u8>>)>,
+}
+
+impl SubIds {
+    fn ensure() -> Self {
+        let mut saved = Vec::new();
+        for f in ["/etc/subuid", "/etc/subgid"] {
+            let old = std::fs::read(f).ok();
+            let text = String::from_utf8_lossy(old.as_deref().unwrap_or_default()).into_owned();
+            if !text.lines().any(|l| l.trim() == "root:100000:65536") {
+                let mut new = text.clone();
+                if !new.is_empty() && !new.ends_with('\n') {
+                    new.push('\n');
+                }
+                new.push_str("root:100000:65536\n");
+                std::fs::write(f, new).unwrap();
+                saved.push((PathBuf::from(f), old));
+            }
+        }
+        Self { saved }
+    }
+}
+
+impl Drop for SubIds {
+    fn drop(&mut self) {
+        for (f, old) in &self.saved {
+            match old {
+                Some(data) => {
+                    let _ = std::fs::write(f, data);
+                }
+                None => {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+        }
+    }
+}
+
+/// A minimal busybox system whose init respawns a long sleep.
+fn populate_busybox(root: &Path) {
+    for d in [
+        "bin",
+        "sbin",
+        "etc/init.d",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "run",
+        "var/log",
+        "usr/bin",
+        "usr/sbin",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    must(&format!(
+        "chroot '{}' /bin/busybox --install -s",
+        root.display()
+    ));
+    std::fs::write(
+        root.join("etc/inittab"),
+        "::sysinit:/etc/init.d/rcS\n::respawn:/bin/sleep 1000000\n\
+         ::respawn:/bin/sh /etc/ticker.sh\n",
+    )
+    .unwrap();
+    // A writer that keeps appending a counter (`1`, `2`, …) to `/root/ticker` every 10 ms,
+    // continuing the count after a restart.
+    std::fs::write(
+        root.join("etc/ticker.sh"),
+        "i=$(cat /root/ticker 2>/dev/null | wc -l)\n\
+         while :; do i=$((i+1)); echo $i >> /root/ticker; usleep 10000; done\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/init.d/rcS"),
+        "#!/bin/sh\nhostname -F /etc/hostname\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        root.join("etc/init.d/rcS"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    std::fs::write(root.join("etc/alpine-release"), "3.19.0\n").unwrap();
+    std::fs::write(root.join("etc/hostname"), "old\n").unwrap();
+}
+
+/// A scratch host with container `vmid` (rootfs `rootfs_spec`, e.g. `local:0.1`) holding a
+/// busybox system. `storage_cfg` replaces the default storage configuration when given.
+fn host_with_ct(vmid: u32, rootfs_spec: &str, storage_cfg: Option<&str>) -> (TestRoot, CtGuard) {
+    host_with_ct_as(vmid, rootfs_spec, storage_cfg, 0)
+}
+
+/// As [`host_with_ct`]; with `uid` ≠ 0 an unprivileged container whose files belong to
+/// `uid` (PVE's default mapping starts at 100000).
+fn host_with_ct_as(
+    vmid: u32,
+    rootfs_spec: &str,
+    storage_cfg: Option<&str>,
+    uid: u32,
+) -> (TestRoot, CtGuard) {
+    let r = TestRoot::new();
+    // Unprivileged containers must be able to walk down to their rootfs.
+    std::fs::set_permissions(r.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let guard = CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmid,
+    };
+    if let Some(cfg) = storage_cfg {
+        r.write("/etc/pve/storage.cfg", cfg);
+    }
+    r.write(
+        &format!("/etc/pve/lxc/{vmid}.conf"),
+        &format!(
+            "arch: amd64\nhostname: ct{vmid}\nmemory: 64\nostype: alpine\n{}",
+            if uid == 0 { "" } else { "unprivileged: 1\n" }
+        ),
+    );
+    let id = vmid.to_string();
+    r.ok("pct", &["set", &id, "--rootfs", rootfs_spec]);
+    r.ok("pct", &["mount", &id]);
+    let root = r.join(&format!("/var/lib/lxc/{vmid}/rootfs"));
+    populate_busybox(&root);
+    if uid != 0 {
+        must(&format!("chown -R -h {uid}:{uid} '{}'", root.display()));
+    }
+    r.ok("pct", &["unmount", &id]);
+    (r, guard)
+}
+
+fn storages(r: &TestRoot) -> Storages {
+    Storages::load(Layout::new(r.path()), Arc::new(SystemRunner))
+        .unwrap()
+        .0
+}
+
+async fn exec(lxc: &Lxc<'_>, vmid: u32, cmd: &str) -> String {
+    let out = lxc
+        .exec(vmid, &["/bin/sh".into(), "-c".into(), cmd.into()])
+        .await
+        .unwrap();
+    assert!(out.success(), "{cmd}: {}", out.stderr_str());
+    out.stdout_str()
+}
+
+/// Runs `vzdump` and returns (success, stderr).
+fn vzdump(r: &TestRoot, args: &[&str]) -> (bool, String) {
+    let o = r.run("vzdump", args);
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// The single archive in `dir`.
+fn the_archive(dir: &Path) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".tar.zst"))
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.into_iter().next().unwrap()
+}
+
+/// Extracts an archive with GNU tar and returns the member names.
+fn extract(archive: &Path, dest: &Path) -> Vec<String> {
+    std::fs::create_dir_all(dest).unwrap();
+    must(&format!(
+        "tar xpf '{}' --zstd --numeric-owner -C '{}'",
+        archive.display(),
+        dest.display()
+    ));
+    must(&format!("tar tf '{}' --zstd", archive.display()))
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The index of the first log line containing `needle`; panics with the log when missing.
+fn line_of(log: &str, needle: &str) -> usize {
+    log.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{log}"))
+}
+
+/// The seconds of the "guest is online again after N seconds" line.
+fn online_after(log: &str) -> String {
+    let l = &log
+        .lines()
+        .nth(line_of(log, "guest is online again after "))
+        .unwrap();
+    let rest = l.split("online again after ").nth(1).unwrap();
+    let n = rest.strip_suffix(" seconds").unwrap();
+    assert!(n == "<1" || n.parse::<u64>().is_ok(), "{l}");
+    n.to_string()
+}
+
+/// Waits until the container's writer (`/etc/ticker.sh`, started by init) wrote something.
+async fn start_ticker(lxc: &Lxc<'_>, vmid: u32) {
+    let t = Instant::now();
+    while exec(lxc, vmid, "cat /root/ticker 2>/dev/null | wc -l")
+        .await
+        .trim()
+        == "0"
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "ticker did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The number of counter lines in a ticker file, checking they are exactly `1..=n`.
+fn ticker_count(text: &str) -> usize {
+    let n = text.lines().count();
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(l, (i + 1).to_string(), "ticker not consistent at line {i}");
+    }
+    n
+}
+
+async fn assert_running_and_alive(lxc: &Lxc<'_>, vmid: u32) {
+    assert_eq!(lxc.state(vmid).await.unwrap(), State::Running);
+    assert_eq!(exec(lxc, vmid, "echo alive").await, "alive\n");
+}
+
+#[test]
+#[ignore = "needs root: real LXC containers, loop devices, mounts, lxcfs"]
+fn stop_mode_shuts_down_backs_up_and_restarts_a_running_container() {
+    let _s = serial();
+    let _lxcfs = Lxcfs::ensure();
+    let (r, _g) = host_with_ct(951, "local:0.1", None);
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let dump = r.join("/dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    let rec = write_hook(&r, 951);
+    let hook = r.join("/hook.sh");
+    let rt = rt();
+    let pid_before = rt.block_on(async {
+        lxc.start(951, false, &mut warn).await.unwrap();
+        exec(&lxc, 951, "echo written-while-running > /root/live.txt").await;
+        start_ticker(&lxc, 951).await;
+        lxc.init_pid(951).await.unwrap().unwrap()
+    });
+    let (ok, log) = vzdump(
+        &r,
+        &[
+            "951",
+            "--mode",
+            "stop",
+            "--dumpdir",
+            dump.to_str().unwrap(),
+            "--compress",
+            "zstd",
+            "--stopwait",
+            "1",
+            "--script",
+            hook.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{log}");
+    // Stopped for the archive (backup-end comes before the restart), running again after.
+    let hook_log = std::fs::read_to_string(&rec).unwrap();
+    assert!(
+        hook_log.starts_with(
+            "backup-start state=RUNNING\npre-stop state=RUNNING\n\
+             backup-end state=STOPPED\npre-restart state=STOPPED\npost-restart state=RUNNING\n"
+        ),
+        "{hook_log}"
+    );
+    // PVE's order: status, mode, stop, archive, restart, online again, finished.
+    let order = [
+        "status = running",
+        "backup mode: stop",
+        "stopping virtual guest",
+        "creating vzdump archive",
+        "restarting vm",
+        "guest is online again after ",
+        "Finished Backup of VM 951",
+    ];
+    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    online_after(&log);
+    rt.block_on(async {
+        assert_running_and_alive(&lxc, 951).await;
+        // A new init: the container really was stopped and started again.
+        assert_ne!(lxc.init_pid(951).await.unwrap().unwrap(), pid_before);
+        assert_eq!(
+            exec(&lxc, 951, "cat /root/live.txt").await,
+            "written-while-running\n"
+        );
+    });
+    assert!(!r.read("/etc/pve/lxc/951.conf").contains("lock:"));
+    let x = r.join("/x");
+    let names = extract(&the_archive(&dump), &x);
+    assert_eq!(names[0], "./etc/vzdump/pct.conf");
+    assert_eq!(
+        std::fs::read_to_string(x.join("root/live.txt")).unwrap(),
+        "written-while-running\n"
+    );
+    assert!(x.join("bin/busybox").is_file());
+    let conf = std::fs::read_to_string(x.join("etc/vzdump/pct.conf")).unwrap();
+    assert!(conf.contains("hostname: ct951\n"), "{conf}");
+    assert!(!conf.contains("lock"), "{conf}");
+    // The writer ran until the shutdown and continued after the restart: the archive holds
+    // a consistent prefix of what it wrote.
+    let archived = ticker_count(&std::fs::read_to_string(x.join("root/ticker")).unwrap());
+    let live = rt.block_on(exec(&lxc, 951, "cat /root/ticker"));
+    assert!(ticker_count(&live) > archived, "{archived}");
+
+    // A backup failing after the archive still starts the container again.
+    std::fs::write(r.join("/fail-end"), "").unwrap();
+    let (ok, log) = vzdump(
+        &r,
+        &[
+            "951",
+            "--mode",
+            "stop",
+            "--dumpdir",
+            dump.to_str().unwrap(),
+            "--script",
+            hook.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "{log}");
+    assert!(log.contains("Backup of VM 951 failed - "), "{log}");
+    assert!(
+        line_of(&log, "stopping virtual guest") < line_of(&log, "restarting vm"),
+        "{log}"
+    );
+    online_after(&log);
+    rt.block_on(assert_running_and_alive(&lxc, 951));
+    assert!(!r.read("/etc/pve/lxc/951.conf").contains("lock:"));
+    rt.block_on(lxc.stop(951, &mut warn)).unwrap();
+}
+
+/// A `--script` hook that records, per phase, the container's LXC state and (with a
+/// snapshot mounted) the mount options of `<root>/mnt/vzsnap0`, whether it can be written,
+/// and the marker file as the snapshot has it. It fails `backup-end` when `<root>/fail-end`
+/// exists and `pre-restart` when `<root>/fail-end-pre-restart` exists.
+fn write_hook(r: &TestRoot, vmid: u32) -> PathBuf {
+    let hook = r.join("/hook.sh");
+    let rec = r.join("/hook.log");
+    let snap = r.join("/mnt/vzsnap0");
+    let lxcpath = lxcpath(&Layout::new(r.path()));
+    let fail = r.join("/fail-end");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\n\
+             [ \"$3\" = {vmid} ] || exit 0\n\
+             st=$(lxc-info -P '{lxcpath}' -n {vmid} -s -H)\n\
+             echo \"$1 state=$st\" >> '{rec}'\n\
+             if [ \"$1\" = post-restart ] && mountpoint -q '{snap}'; then\n\
+               echo \"snapshot-options=$(findmnt -no OPTIONS '{snap}')\" >> '{rec}'\n\
+               touch '{snap}/root/probe' 2>/dev/null && echo writable >> '{rec}'\n\
+               echo \"snapshot-live=$(cat '{snap}/root/live.txt')\" >> '{rec}'\n\
+             fi\n\
+             [ \"$1\" = backup-end ] && [ -e '{fail}' ] && exit 3\n\
+             [ \"$1\" = pre-restart ] && [ -e '{fail}-pre-restart' ] && exit 4\n\
+             exit 0\n",
+            lxcpath = lxcpath.display(),
+            rec = rec.display(),
+            snap = snap.display(),
+            fail = fail.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    rec
+}
+
+fn btrfs_snapshots(fs: &BtrfsFs) -> String {
+    must(&format!(
+        "btrfs subvolume list '{}'",
+        fs.mountpoint().display()
+    ))
+}
+
+/// Snapshot mode on a running container `vmid` whose rootfs `spec` on a btrfs storage
+/// (quotas on) becomes the volume `rootfs`.
+fn btrfs_snapshot_case(vmid: u32, spec: &str, rootfs: &str) {
+    let _s = serial();
+    let _lxcfs = Lxcfs::ensure();
+    let fs = BtrfsFs::new(1 << 30, true);
+    let (r, _g) = host_with_ct(vmid, spec, Some(&fs.storage_cfg("bt", "store")));
+    let conf_text = r.read(&format!("/etc/pve/lxc/{vmid}.conf"));
+    assert!(
+        conf_text.contains(&format!("rootfs: {rootfs}\n")),
+        "{conf_text}"
+    );
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let dump = r.join("/dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    let rec = write_hook(&r, vmid);
+    let rt = rt();
+    let pid_before = rt.block_on(async {
+        lxc.start(vmid, false, &mut warn).await.unwrap();
+        exec(&lxc, vmid, "echo written-while-running > /root/live.txt").await;
+        start_ticker(&lxc, vmid).await;
+        lxc.init_pid(vmid).await.unwrap().unwrap()
+    });
+    let id = vmid.to_string();
+    let args = [
+        id.as_str(),
+        "--mode",
+        "snapshot",
+        "--dumpdir",
+        dump.to_str().unwrap(),
+        "--compress",
+        "zstd",
+        "--script",
+        r.join("/hook.sh").to_str().unwrap(),
+    ]
+    .map(str::to_string);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, log) = vzdump(&r, &args);
+    assert!(ok, "{log}");
+    let order = [
+        "status = running",
+        "backup mode: snapshot",
+        "create storage snapshot 'vzdump'",
+        "creating vzdump archive",
+        "cleanup temporary 'vzdump' snapshot",
+        &format!("Finished Backup of VM {vmid}"),
+    ];
+    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    assert!(!log.contains("stopping virtual guest"), "{log}");
+    assert!(!log.contains("suspending guest"), "{log}");
+    // The hook saw the snapshot mounted read-only, with the file, and the CT running.
+    let hook_log = std::fs::read_to_string(&rec).unwrap();
+    assert!(
+        hook_log.contains("backup-start state=RUNNING\n"),
+        "{hook_log}"
+    );
+    assert!(
+        hook_log.contains("post-restart state=RUNNING\n"),
+        "{hook_log}"
+    );
+    assert!(
+        hook_log.contains("backup-end state=RUNNING\n"),
+        "{hook_log}"
+    );
+    let opts = hook_log
+        .lines()
+        .find_map(|l| l.strip_prefix("snapshot-options="))
+        .unwrap_or_else(|| panic!("snapshot not mounted at post-restart:\n{hook_log}"));
+    assert!(opts.split(',').any(|o| o == "ro"), "{opts}");
+    assert!(!hook_log.contains("writable"), "{hook_log}");
+    assert!(
+        hook_log.contains("snapshot-live=written-while-running\n"),
+        "{hook_log}"
+    );
+    rt.block_on(async {
+        assert_running_and_alive(&lxc, vmid).await;
+        // Not restarted: the same init.
+        assert_eq!(lxc.init_pid(vmid).await.unwrap().unwrap(), pid_before);
+    });
+    let conf_after = r.read(&format!("/etc/pve/lxc/{vmid}.conf"));
+    assert!(!conf_after.contains("[vzdump]"), "{conf_after}");
+    assert!(!conf_after.contains("parent:"), "{conf_after}");
+    assert!(!conf_after.contains("lock:"), "{conf_after}");
+    assert!(
+        !btrfs_snapshots(&fs).contains("vzdump"),
+        "{}",
+        btrfs_snapshots(&fs)
+    );
+    assert!(
+        !sh(&format!(
+            "mountpoint -q '{}'",
+            r.join("/mnt/vzsnap0").display()
+        ))
+        .status
+        .success()
+    );
+    let x = r.join("/x");
+    let names = extract(&the_archive(&dump), &x);
+    assert_eq!(names[0], "./etc/vzdump/pct.conf");
+    assert_eq!(
+        std::fs::read_to_string(x.join("root/live.txt")).unwrap(),
+        "written-while-running\n"
+    );
+    assert!(x.join("bin/busybox").is_file());
+    // The writer kept going: the archive holds a consistent prefix of what it wrote.
+    let archived = ticker_count(&std::fs::read_to_string(x.join("root/ticker")).unwrap());
+    let live = rt.block_on(exec(&lxc, vmid, "cat /root/ticker"));
+    assert!(ticker_count(&live) > archived, "{archived}");
+
+    // The same backup failing at backup-end: the snapshot still goes, the CT still runs.
+    std::fs::write(r.join("/fail-end"), "").unwrap();
+    std::fs::write(&rec, "").unwrap();
+    let (ok, log) = vzdump(&r, &args);
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains(&format!("Backup of VM {vmid} failed - ")),
+        "{log}"
+    );
+    assert!(
+        line_of(&log, "create storage snapshot 'vzdump'")
+            < line_of(&log, "cleanup temporary 'vzdump' snapshot"),
+        "{log}"
+    );
+    let conf_after = r.read(&format!("/etc/pve/lxc/{vmid}.conf"));
+    assert!(!conf_after.contains("[vzdump]"), "{conf_after}");
+    assert!(!conf_after.contains("parent:"), "{conf_after}");
+    assert!(!conf_after.contains("lock:"), "{conf_after}");
+    assert!(
+        !btrfs_snapshots(&fs).contains("vzdump"),
+        "{}",
+        btrfs_snapshots(&fs)
+    );
+    rt.block_on(async {
+        assert_running_and_alive(&lxc, vmid).await;
+        assert_eq!(lxc.init_pid(vmid).await.unwrap().unwrap(), pid_before);
+    });
+
+    // SIGTERM while the archive is written from the mounted snapshot (slowed down by
+    // --bwlimit): the job stops, the snapshot goes, the container keeps running.
+    std::fs::remove_file(r.join("/fail-end")).unwrap();
+    let child = Command::new(vzkit_tests::bin("vzdump"))
+        .args(&args)
+        .args(["--bwlimit", "64"])
+        .env("VZKIT_ROOT", r.path())
+        .env("TZ", "UTC")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let snap = r.join("/mnt/vzsnap0");
+    let t = Instant::now();
+    while !sh(&format!("mountpoint -q '{}'", snap.display()))
+        .status
+        .success()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "snapshot never mounted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    must(&format!("kill -TERM {}", child.id()));
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("interrupted by signal"), "{log}");
+    assert!(log.contains("cleanup temporary 'vzdump' snapshot"), "{log}");
+    let conf_after = r.read(&format!("/etc/pve/lxc/{vmid}.conf"));
+    assert!(!conf_after.contains("[vzdump]"), "{conf_after}");
+    assert!(!conf_after.contains("lock:"), "{conf_after}");
+    assert!(
+        !btrfs_snapshots(&fs).contains("vzdump"),
+        "{}",
+        btrfs_snapshots(&fs)
+    );
+    assert!(
+        !sh(&format!("mountpoint -q '{}'", snap.display()))
+            .status
+            .success()
+    );
+    rt.block_on(async {
+        assert_running_and_alive(&lxc, vmid).await;
+        assert_eq!(lxc.init_pid(vmid).await.unwrap().unwrap(), pid_before);
+        lxc.stop(vmid, &mut warn).await.unwrap();
+    });
+}
+
+#[test]
+#[ignore = "needs root: real LXC containers on a loop-mounted btrfs image, lxcfs"]
+fn snapshot_mode_on_btrfs_raw_keeps_the_container_running_and_removes_the_snapshot() {
+    btrfs_snapshot_case(952, "bt:0.1", "bt:952/vm-952-disk-0.raw,size=102M");
+}
+
+#[test]
+#[ignore = "needs root: real LXC containers on a loop-mounted btrfs image, lxcfs"]
+fn snapshot_mode_on_btrfs_subvol_keeps_the_container_running_and_removes_the_snapshot() {
+    btrfs_snapshot_case(954, "bt:0", "bt:954/subvol-954-disk-0.subvol,size=0T");
+}
+
+#[test]
+#[ignore = "needs root: real LXC containers, loop devices, mounts, lxcfs, rsync"]
+fn snapshot_mode_on_dir_falls_back_to_suspend_and_thaws_the_container() {
+    let _s = serial();
+    let _lxcfs = Lxcfs::ensure();
+    let (r, _g) = host_with_ct(953, "local:0.1", None);
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let dump = r.join("/dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    let rec = write_hook(&r, 953);
+    let rt = rt();
+    let pid_before = rt.block_on(async {
+        lxc.start(953, false, &mut warn).await.unwrap();
+        exec(&lxc, 953, "echo written-while-running > /root/live.txt").await;
+        start_ticker(&lxc, 953).await;
+        lxc.init_pid(953).await.unwrap().unwrap()
+    });
+    let hook = r.join("/hook.sh");
+    let scratch = r.join("/scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let (ok, log) = vzdump(
+        &r,
+        &[
+            "953",
+            "--mode",
+            "snapshot",
+            "--tmpdir",
+            scratch.to_str().unwrap(),
+            "--dumpdir",
+            dump.to_str().unwrap(),
+            "--compress",
+            "zstd",
+            "--script",
+            hook.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{log}");
+    let order = [
+        "status = running",
+        "mode failure - some volumes do not support snapshots",
+        "trying 'suspend' mode instead",
+        "backup mode: suspend",
+        "starting first sync /proc/",
+        "first sync finished",
+        "suspending guest",
+        "starting final sync /proc/",
+        "final sync finished",
+        "resuming guest",
+        "guest is online again after ",
+        "creating vzdump archive",
+        "Finished Backup of VM 953",
+    ];
+    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    online_after(&log);
+    // Frozen for the final pass only: running at backup-start, frozen at pre-restart (after
+    // the final sync), running again at post-restart.
+    let hook_log = std::fs::read_to_string(&rec).unwrap();
+    let phases: Vec<&str> = hook_log.lines().collect();
+    let pos = |p: &str| {
+        phases
+            .iter()
+            .position(|l| *l == p)
+            .unwrap_or_else(|| panic!("{p} missing:\n{hook_log}"))
+    };
+    assert!(pos("backup-start state=RUNNING") < pos("pre-stop state=RUNNING"));
+    assert!(pos("pre-stop state=RUNNING") < pos("pre-restart state=FROZEN"));
+    assert!(pos("pre-restart state=FROZEN") < pos("post-restart state=RUNNING"));
+    rt.block_on(async {
+        assert_running_and_alive(&lxc, 953).await;
+        assert_eq!(lxc.init_pid(953).await.unwrap().unwrap(), pid_before);
+    });
+    assert!(!r.read("/etc/pve/lxc/953.conf").contains("lock:"));
+    let x = r.join("/x");
+    let names = extract(&the_archive(&dump), &x);
+    assert_eq!(names[0], "./etc/vzdump/pct.conf");
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| *n == "./etc/vzdump/pct.conf")
+            .count(),
+        1,
+        "{names:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(x.join("root/live.txt")).unwrap(),
+        "written-while-running\n"
+    );
+    assert!(x.join("bin/busybox").is_file());
+    // The writer kept going after the thaw: the archive holds a consistent prefix.
+    let archived = ticker_count(&std::fs::read_to_string(x.join("root/ticker")).unwrap());
+    let live = rt.block_on(exec(&lxc, 953, "cat /root/ticker"));
+    assert!(ticker_count(&live) > archived, "{archived}");
+    // The copy went to `--tmpdir` and is gone.
+    let first = log
+        .lines()
+        .nth(line_of(&log, "starting first sync /proc/"))
+        .unwrap();
+    assert!(
+        first.contains(&format!(" to {}/vzdumptmp", scratch.display())),
+        "{first}"
+    );
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+
+    // The backup restores to a new container, which starts and has the live data.
+    let _g2 = CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmid: 956,
+    };
+    let archive = the_archive(&dump);
+    r.ok(
+        "pct",
+        &[
+            "restore",
+            "956",
+            archive.to_str().unwrap(),
+            "--storage",
+            "local",
+        ],
+    );
+    rt.block_on(async {
+        lxc.start(956, false, &mut warn).await.unwrap();
+        assert_eq!(
+            exec(&lxc, 956, "cat /root/live.txt").await,
+            "written-while-running\n"
+        );
+        assert_eq!(exec(&lxc, 956, "hostname").await, "ct953\n");
+        lxc.stop(956, &mut warn).await.unwrap();
+    });
+
+    // A hook failing while the guest is frozen (pre-restart): the guest is thawed anyway.
+    std::fs::write(r.join("/fail-end-pre-restart"), "").unwrap();
+    std::fs::write(&rec, "").unwrap();
+    let (ok, log) = vzdump(
+        &r,
+        &[
+            "953",
+            "--mode",
+            "suspend",
+            "--dumpdir",
+            dump.to_str().unwrap(),
+            "--script",
+            hook.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "{log}");
+    assert!(log.contains("Backup of VM 953 failed - "), "{log}");
+    let hook_log = std::fs::read_to_string(&rec).unwrap();
+    assert!(
+        hook_log.contains("pre-restart state=FROZEN\n"),
+        "{hook_log}"
+    );
+    assert!(
+        hook_log.contains("backup-abort state=RUNNING\n"),
+        "{hook_log}"
+    );
+    rt.block_on(async {
+        assert_running_and_alive(&lxc, 953).await;
+        assert_eq!(lxc.init_pid(953).await.unwrap().unwrap(), pid_before);
+    });
+    assert!(!r.read("/etc/pve/lxc/953.conf").contains("lock:"));
+    rt.block_on(lxc.stop(953, &mut warn)).unwrap();
+}
+
+/// `tar tvf` lines of an archive with numeric owners.
+fn tar_verbose(archive: &Path) -> String {
+    must(&format!(
+        "tar tvf '{}' --zstd --numeric-owner",
+        archive.display()
+    ))
+}
+
+#[test]
+#[ignore = "needs root: real unprivileged LXC containers, loop devices, mounts, rsync"]
+fn unprivileged_container_in_suspend_and_stop_mode_archives_container_ids() {
+    let _s = serial();
+    let _lxcfs = Lxcfs::ensure();
+    let _ids = SubIds::ensure();
+    let (r, _g) = host_with_ct_as(955, "local:0.1", None, 100_000);
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let rt = rt();
+    let pid_before = rt.block_on(async {
+        lxc.start(955, false, &mut warn).await.unwrap();
+        exec(&lxc, 955, "echo written-while-running > /root/live.txt").await;
+        start_ticker(&lxc, 955).await;
+        lxc.init_pid(955).await.unwrap().unwrap()
+    });
+    let host_file = PathBuf::from(format!("/proc/{pid_before}/root/root/live.txt"));
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&host_file).unwrap()),
+        100_000
+    );
+    for (mode, restarted) in [("suspend", false), ("stop", true)] {
+        let dump = r.join(&format!("/dump-{mode}"));
+        std::fs::create_dir_all(&dump).unwrap();
+        let (ok, log) = vzdump(
+            &r,
+            &[
+                "955",
+                "--mode",
+                mode,
+                "--dumpdir",
+                dump.to_str().unwrap(),
+                "--compress",
+                "zstd",
+            ],
+        );
+        assert!(ok, "{log}");
+        assert!(log.contains(&format!("backup mode: {mode}\n")), "{log}");
+        online_after(&log);
+        let archive = the_archive(&dump);
+        // Owners as the container sees them, not the host's shifted ids.
+        let listing = tar_verbose(&archive);
+        let live = listing
+            .lines()
+            .find(|l| l.ends_with(" ./root/live.txt"))
+            .unwrap_or_else(|| panic!("{listing}"));
+        assert!(live.contains(" 0/0 "), "{live}");
+        assert!(!listing.contains("100000/"), "{listing}");
+        let x = r.join(&format!("/x-{mode}"));
+        extract(&archive, &x);
+        assert_eq!(
+            std::fs::read_to_string(x.join("root/live.txt")).unwrap(),
+            "written-while-running\n"
+        );
+        ticker_count(&std::fs::read_to_string(x.join("root/ticker")).unwrap());
+        rt.block_on(async {
+            assert_running_and_alive(&lxc, 955).await;
+            let pid = lxc.init_pid(955).await.unwrap().unwrap();
+            assert_eq!(pid != pid_before, restarted);
+        });
+        assert!(!r.read("/etc/pve/lxc/955.conf").contains("lock:"));
+    }
+    rt.block_on(lxc.stop(955, &mut warn)).unwrap();
+}
