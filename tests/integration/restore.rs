@@ -982,6 +982,11 @@ fn create_from_template_detects_ostype() {
         let src = scratch.subdir(name);
         std::fs::create_dir_all(src.join("etc")).unwrap();
         std::fs::write(src.join("etc").join(file), b"1\n").unwrap();
+        if ostype == Some("debian") {
+            std::fs::write(src.join("etc/shadow"), b"root:*:19000:0:99999:7:::\n").unwrap();
+            std::fs::write(src.join("etc/passwd"), b"root:x:0:0:root:/root:/bin/sh\n").unwrap();
+            std::fs::create_dir_all(src.join("root")).unwrap();
+        }
         std::fs::create_dir_all(src.join("usr/bin")).unwrap();
         std::fs::write(src.join("usr/bin/tool"), b"#!/bin/sh\n").unwrap();
         let mut c = Command::new("tar");
@@ -1003,18 +1008,30 @@ fn create_from_template_detects_ostype() {
         let tmpl = format!("local:vztmpl/{name}");
         match ostype {
             Some(t) => {
-                tr.ok(
-                    "pct",
-                    &[
-                        "create",
-                        vmid,
-                        &tmpl,
-                        "--rootfs",
-                        "local:0.1",
-                        "--hostname",
-                        "c1",
-                    ],
-                );
+                let keys = scratch.path().join("keys.pub");
+                std::fs::write(
+                    &keys,
+                    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIvzkit test@vzkit\n",
+                )
+                .unwrap();
+                let mut args = vec![
+                    "create",
+                    vmid,
+                    &tmpl,
+                    "--rootfs",
+                    "local:0.1",
+                    "--hostname",
+                    "c1",
+                ];
+                if t == "debian" {
+                    args.extend([
+                        "--password",
+                        "s3cret",
+                        "--ssh-public-keys",
+                        keys.to_str().unwrap(),
+                    ]);
+                }
+                tr.ok("pct", &args);
                 let c = conf_of(&tr, vmid.parse().unwrap());
                 assert!(c.contains(&format!("ostype: {t}\n")), "{c}");
                 assert!(
@@ -1023,11 +1040,37 @@ fn create_from_template_detects_ostype() {
                 );
                 tr.ok("pct", &["mount", vmid]);
                 let root = tr.join(&format!("/var/lib/lxc/{vmid}/rootfs"));
+                // Create-time guest setup (PVE's post_create_hook) wrote these.
+                let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
+                let (hostname, hosts) = (read("etc/hostname"), read("etc/hosts"));
+                let (shadow, keys) = (read("etc/shadow"), read("root/.ssh/authorized_keys"));
                 let sk = Skips {
-                    meta: vec![b""],
-                    extra: vec![b"lost+found"],
+                    meta: vec![b"", b"etc", b"etc/passwd", b"etc/shadow", b"root"],
+                    extra: vec![
+                        b"lost+found",
+                        b"etc/hostname",
+                        b"etc/hosts",
+                        b"etc/network",
+                        b"etc/network/interfaces",
+                        b"etc/resolv.conf",
+                        b"root/.ssh",
+                        b"root/.ssh/authorized_keys",
+                    ],
                 };
-                let res = std::panic::catch_unwind(|| compare_trees(&src, &root, 0, &sk));
+                let res = std::panic::catch_unwind(|| {
+                    assert_eq!(hostname, "c1\n");
+                    assert!(
+                        hosts.contains(" c1\n") || hosts.contains("\tc1\n"),
+                        "{hosts}"
+                    );
+                    if t == "debian" {
+                        // The password is stored hashed (SHA-256 crypt), never in clear.
+                        assert!(shadow.starts_with("root:$5$"), "{shadow}");
+                        assert!(!shadow.contains("s3cret"), "{shadow}");
+                        assert!(keys.contains("test@vzkit"), "{keys}");
+                    }
+                    compare_trees(&src, &root, 0, &sk);
+                });
                 tr.ok("pct", &["unmount", vmid]);
                 if let Err(p) = res {
                     std::panic::resume_unwind(p);

@@ -33,6 +33,9 @@ use vzkit_runtime::conf::{CtConfig, DEFAULT_MAC_PREFIX, Lock, random_ether_addr}
 use vzkit_runtime::ct::root_owner;
 use vzkit_runtime::disks::{alloc_disk, destroy_disks};
 use vzkit_runtime::mount::{RootOwner, mount_all, umount_all};
+use vzkit_runtime::setup::Dns;
+use vzkit_runtime::setup::create::{CreateParams, post_create};
+use vzkit_runtime::setup::files::GuestRoot;
 use vzkit_runtime::store::CtStore;
 use vzkit_runtime::usage::volume_users;
 use vzkit_storage::config::ContentType;
@@ -107,6 +110,8 @@ struct Prepared {
     was_template: bool,
     old: Option<CtConfig>,
     ostype_given: bool,
+    /// `pct create`'s `--password` and `--ssh-public-keys` for the guest.
+    guest: CreateParams,
 }
 
 /// What step 3 created, for cleanup.
@@ -231,14 +236,23 @@ async fn prepare(
     };
     let mut conf = CtConfig::default();
     let mut ostype_given = false;
+    let mut guest = CreateParams::default();
     for (k, v) in &split.options {
-        if matches!(
-            k.as_str(),
-            "password" | "ssh-public-keys" | "pool" | "ha-managed"
-        ) {
-            return Err(RestoreError::Invalid(format!(
-                "option '{k}' is not supported by vzkit yet"
-            )));
+        match k.as_str() {
+            "password" if req.mode == RunMode::Create => {
+                guest.password = Some(v.clone());
+                continue;
+            }
+            "ssh-public-keys" if req.mode == RunMode::Create => {
+                guest.ssh_public_keys = Some(read_ssh_keys(v)?);
+                continue;
+            }
+            "password" | "ssh-public-keys" | "pool" | "ha-managed" => {
+                return Err(RestoreError::Invalid(format!(
+                    "option '{k}' is not supported by vzkit yet"
+                )));
+            }
+            _ => {}
         }
         ostype_given |= k == "ostype";
         conf.set(k, v)?;
@@ -280,6 +294,14 @@ async fn prepare(
         was_template,
         old,
         ostype_given,
+        guest,
+    })
+}
+
+/// `--ssh-public-keys`: a file of `authorized_keys` lines (as `pct create` takes it).
+fn read_ssh_keys(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| {
+        RestoreError::Invalid(format!("unable to read ssh public keys file '{path}': {e}"))
     })
 }
 
@@ -398,6 +420,7 @@ async fn work_inner(
         was_template,
         old: _,
         ostype_given,
+        guest,
     } = prep;
     let vmid = req.vmid;
     let owner = root_owner(&conf)?;
@@ -444,9 +467,31 @@ async fn work_inner(
             "merging backed-up and given configuration..".into(),
         );
         merge_from_rootdir(store, &root, &mut conf, req, created, log)?;
-    } else if !ostype_given {
-        let ostype = require_ostype(&root)?;
-        conf.set("ostype", ostype)?;
+    } else {
+        if !ostype_given {
+            let ostype = require_ostype(&root)?;
+            conf.set("ostype", ostype)?;
+        }
+        // PVE's `post_create_hook`: randomized crontab, root password, SSH keys, host keys,
+        // and the start-time files (hostname, hosts, network, DNS).
+        let guest_root = GuestRoot::open(&root, owner)?;
+        let host_resolv = std::fs::read_to_string(store.layout().join("/etc/resolv.conf")).ok();
+        let dns = Dns::lookup(&conf, host_resolv.as_deref());
+        let mut random = || {
+            let mut b = [0u8; 4];
+            File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut b))
+                .map_or(0, |()| u32::from_le_bytes(b))
+        };
+        post_create(
+            &guest_root,
+            &conf,
+            &dns,
+            &guest,
+            storages.runner().as_ref(),
+            &mut random,
+        )
+        .await?;
     }
     // Unmount.
     let runner = storages.runner();
