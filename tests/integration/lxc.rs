@@ -3,15 +3,15 @@
 //! frozen, shut down and stopped; unprivileged containers with shifted ids; hookscripts;
 //! lock refusals; veth networking on a bridge the test creates.
 //!
-//! The tests run one at a time (they share lxcfs, `/etc/subuid` and the bridge name) and
-//! clean up through guards even when an assertion fails: containers are killed, lxcfs (if
-//! the test started it) is stopped by PID, the bridge is removed, `/etc/subuid` and
-//! `/etc/subgid` are restored, and `TestRoot` unmounts volumes and detaches loop devices.
+//! The tests run one at a time with every other LXC test (`vzkit_tests::lxc::session`: they
+//! share lxcfs, `/etc/subuid`, cgroup and bridge names) and clean up through guards even when
+//! an assertion fails: containers are killed, lxcfs (if the session started it) is stopped by
+//! PID, the bridge is removed, `/etc/subuid` and `/etc/subgid` are restored, and `TestRoot`
+//! unmounts volumes and detaches loop devices.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vzkit_host::command::SystemRunner;
@@ -19,14 +19,7 @@ use vzkit_host::paths::Layout;
 use vzkit_runtime::lxc::{CtCgroup, Lxc, StartOptions, State, lxcpath};
 use vzkit_storage::manager::Storages;
 use vzkit_tests::TestRoot;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use vzkit_tests::lxc::{CtGuard, SubIds, must, populate_busybox, session, sh};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -35,138 +28,8 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn sh(cmd: &str) -> std::process::Output {
-    Command::new("sh").args(["-c", cmd]).output().unwrap()
-}
-
-fn must(cmd: &str) {
-    let out = sh(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn warn(msg: String) {
     eprintln!("WARN: {msg}");
-}
-
-/// Kills the containers of a root on drop (before `TestRoot` unmounts their volumes).
-struct CtGuard {
-    lxcpath: PathBuf,
-    vmids: Vec<u32>,
-}
-
-impl Drop for CtGuard {
-    fn drop(&mut self) {
-        for vmid in &self.vmids {
-            let _ = Command::new("lxc-stop")
-                .arg("-P")
-                .arg(&self.lxcpath)
-                .args(["-n", &vmid.to_string(), "--kill"])
-                .output();
-        }
-    }
-}
-
-/// lxcfs, started by the test when none is running, stopped by PID on drop.
-struct Lxcfs {
-    child: Option<Child>,
-}
-
-const LXCFS_DIR: &str = "/var/lib/lxcfs";
-
-impl Lxcfs {
-    fn ensure() -> Self {
-        if sh(&format!("mountpoint -q {LXCFS_DIR}")).status.success() {
-            return Self { child: None };
-        }
-        std::fs::create_dir_all(LXCFS_DIR).unwrap();
-        let pidfile = std::env::temp_dir().join(format!("vzkit-lxcfs-{}.pid", std::process::id()));
-        let child = Command::new("lxcfs")
-            .arg("-f")
-            .arg("-p")
-            .arg(&pidfile)
-            .arg(LXCFS_DIR)
-            .spawn()
-            .unwrap();
-        let guard = Self { child: Some(child) };
-        let t = Instant::now();
-        while !Path::new(LXCFS_DIR).join("proc/meminfo").exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "lxcfs did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        guard
-    }
-}
-
-impl Drop for Lxcfs {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if child.try_wait().ok().flatten().is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            if sh(&format!("mountpoint -q {LXCFS_DIR}")).status.success() {
-                let _ = sh(&format!("umount -l {LXCFS_DIR}"));
-            }
-        }
-    }
-}
-
-/// Makes sure `/etc/subuid` and `/etc/subgid` allow root the range 100000:65536; restores
-/// the files on drop.
-struct SubIds {
-    saved: Vec<(PathBuf, Option<Vec<u8>>)>,
-}
-
-impl SubIds {
-    fn ensure() -> Self {
-        let mut saved = Vec::new();
-        for f in ["/etc/subuid", "/etc/subgid"] {
-            let old = std::fs::read(f).ok();
-            let text = String::from_utf8_lossy(old.as_deref().unwrap_or_default()).into_owned();
-            if !text.lines().any(|l| l.trim() == "root:100000:65536") {
-                let mut new = text.clone();
-                if !new.is_empty() && !new.ends_with('\n') {
-                    new.push('\n');
-                }
-                new.push_str("root:100000:65536\n");
-                std::fs::write(f, new).unwrap();
-                saved.push((PathBuf::from(f), old));
-            }
-        }
-        Self { saved }
-    }
-}
-
-impl Drop for SubIds {
-    fn drop(&mut self) {
-        for (f, old) in &self.saved {
-            match old {
-                Some(data) => {
-                    let _ = std::fs::write(f, data);
-                }
-                None => {
-                    let _ = std::fs::remove_file(f);
-                }
-            }
-        }
-    }
 }
 
 /// A bridge in the host, removed on drop.
@@ -215,50 +78,6 @@ fn add_ct(r: &TestRoot, vmid: u32, conf: &str, uid: u32) {
     r.ok("pct", &["unmount", &vmid.to_string()]);
 }
 
-fn populate_busybox(root: &Path, hostname: &str) {
-    for d in [
-        "bin",
-        "sbin",
-        "etc/init.d",
-        "proc",
-        "sys",
-        "dev",
-        "tmp",
-        "root",
-        "run",
-        "var/log",
-        "usr/bin",
-        "usr/sbin",
-    ] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    must(&format!(
-        "chroot '{}' /bin/busybox --install -s",
-        root.display()
-    ));
-    std::fs::write(
-        root.join("etc/inittab"),
-        "::sysinit:/etc/init.d/rcS\n::respawn:/bin/sleep 1000000\n",
-    )
-    .unwrap();
-    std::fs::write(
-        root.join("etc/init.d/rcS"),
-        "#!/bin/sh\nhostname -F /etc/hostname\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        root.join("etc/init.d/rcS"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    std::fs::write(root.join("etc/alpine-release"), "3.19.0\n").unwrap();
-    std::fs::write(root.join("etc/hostname"), format!("{hostname}-old\n")).unwrap();
-}
-
 fn storages(r: &TestRoot) -> Storages {
     Storages::load(Layout::new(r.path()), Arc::new(SystemRunner))
         .unwrap()
@@ -283,8 +102,7 @@ fn is_mounted(path: &Path) -> bool {
 #[test]
 #[ignore = "needs root: real LXC containers, loop devices, mounts, lxcfs"]
 fn privileged_container_life_cycle() {
-    let _s = serial();
-    let _lxcfs = Lxcfs::ensure();
+    let _s = session();
     let conf = "arch: amd64\nhostname: ct901\nmemory: 128\nswap: 64\ncpulimit: 0.5\ncores: 1\n\
                 nameserver: 10.9.0.53\nostype: alpine\n";
     let (r, _g) = host_with_ct(901, conf, 0);
@@ -422,7 +240,7 @@ fn privileged_container_life_cycle() {
 #[test]
 #[ignore = "needs root: real LXC containers with user namespaces"]
 fn unprivileged_container_runs_with_shifted_ids() {
-    let _s = serial();
+    let _s = session();
     let _ids = SubIds::ensure();
     let conf = "arch: amd64\nhostname: ct902\nmemory: 64\nostype: alpine\nunprivileged: 1\n";
     let (r, _g) = host_with_ct(902, conf, 100_000);
@@ -459,7 +277,7 @@ fn unprivileged_container_runs_with_shifted_ids() {
 #[test]
 #[ignore = "needs root: real LXC containers"]
 fn hookscript_phases_locks_and_ostype_checks() {
-    let _s = serial();
+    let _s = session();
     let (r, _g) = host_with_ct(
         903,
         "arch: amd64\nhostname: ct903\nmemory: 64\nostype: alpine\n\
@@ -561,7 +379,7 @@ fn hookscript_phases_locks_and_ostype_checks() {
 #[test]
 #[ignore = "needs root: real LXC containers and a host bridge"]
 fn veth_on_a_bridge_with_hwaddr() {
-    let _s = serial();
+    let _s = session();
     let _br = Bridge::create("vzkbr0");
     let (r, _g) = host_with_ct(
         904,
@@ -605,7 +423,7 @@ fn veth_on_a_bridge_with_hwaddr() {
 #[test]
 #[ignore = "needs root: real LXC containers"]
 fn onboot_containers_start_in_startup_order_and_reboot() {
-    let _s = serial();
+    let _s = session();
     let r = TestRoot::new();
     let _g = CtGuard {
         lxcpath: lxcpath(&Layout::new(r.path())),

@@ -614,99 +614,12 @@ async fn template_and_linked_clone_on_btrfs() {
     drop(r);
 }
 
-/// Kills a test container on drop (before `TestRoot` unmounts its volumes).
-struct CtGuard(std::path::PathBuf, u32);
-
-impl Drop for CtGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("lxc-stop")
-            .arg("-P")
-            .arg(&self.0)
-            .args(["-n", &self.1.to_string(), "--kill"])
-            .output();
-    }
-}
-
-/// lxcfs for the container, started here when none runs and stopped by PID on drop.
-struct Lxcfs(Option<std::process::Child>);
-
-const LXCFS_DIR: &str = "/var/lib/lxcfs";
-
-fn lxcfs_mounted() -> bool {
-    std::process::Command::new("mountpoint")
-        .args(["-q", LXCFS_DIR])
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-impl Lxcfs {
-    fn ensure() -> Self {
-        if lxcfs_mounted() {
-            return Self(None);
-        }
-        std::fs::create_dir_all(LXCFS_DIR).unwrap();
-        let child = std::process::Command::new("lxcfs")
-            .args(["-f", LXCFS_DIR])
-            .spawn()
-            .unwrap();
-        let guard = Self(Some(child));
-        let t = std::time::Instant::now();
-        while !Path::new(LXCFS_DIR).join("proc/meminfo").exists() {
-            assert!(t.elapsed().as_secs() < 10, "lxcfs did not come up");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        guard
-    }
-}
-
-impl Drop for Lxcfs {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-            if lxcfs_mounted() {
-                let _ = std::process::Command::new("umount")
-                    .args(["-l", LXCFS_DIR])
-                    .status();
-            }
-        }
-    }
-}
-
-/// A minimal busybox system at `root`.
-fn busybox(root: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    for d in [
-        "bin",
-        "sbin",
-        "etc/init.d",
-        "proc",
-        "sys",
-        "dev",
-        "tmp",
-        "root",
-        "run",
-    ] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let chroot = root.to_str().unwrap();
-    host_ok("chroot", &[chroot, "/bin/busybox", "--install", "-s"]);
-    std::fs::write(root.join("etc/inittab"), "::respawn:/bin/sleep 1000000\n").unwrap();
-    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    std::fs::write(root.join("etc/alpine-release"), "3.19.0\n").unwrap();
-    std::fs::write(root.join("etc/hostname"), "ct950\n").unwrap();
-}
-
 #[tokio::test]
 #[ignore = "needs root: a real LXC container on a btrfs loop image, lxcfs"]
 async fn running_container_is_frozen_for_snapshots_and_stopped_for_rollback() {
     use std::os::unix::fs::PermissionsExt;
     use vzkit_runtime::lxc::{Lxc, State, lxcpath};
+    let _session = vzkit_tests::lxc::session();
     let fs = BtrfsFs::new(512 << 20, false);
     let r = TestRoot::new();
     std::fs::set_permissions(r.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -718,12 +631,14 @@ async fn running_container_is_frozen_for_snapshots_and_stopped_for_rollback() {
     r.ok("pct", &["set", "950", "--rootfs", "bt:0"]);
     r.ok("pct", &["mount", "950"]);
     let root = r.join("/var/lib/lxc/950/rootfs");
-    busybox(&root);
+    vzkit_tests::lxc::populate_busybox(&root, "ct950");
     std::fs::write(root.join("f"), "one").unwrap();
     r.ok("pct", &["unmount", "950"]);
 
-    let _lxcfs = Lxcfs::ensure();
-    let _guard = CtGuard(lxcpath(&Layout::new(r.path())), 950);
+    let _guard = vzkit_tests::lxc::CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmids: vec![950],
+    };
     let (st, store) = host(&r);
     let ops = HostOps::new(&st);
     let lxc = Lxc::new(&st);

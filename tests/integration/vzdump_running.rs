@@ -7,14 +7,15 @@
 //! restored with `pct restore` and started. Failing hooks and SIGTERM must leave the
 //! container running, unlocked and without a `vzdump` snapshot.
 //!
-//! The tests run one at a time (they share lxcfs) and clean up through guards even when an
-//! assertion fails: containers are killed, lxcfs (if a test started it) is stopped by PID,
+//! The tests run one at a time with every other LXC test (`vzkit_tests::lxc::session`) and
+//! clean up through guards even when an assertion fails: containers are killed, lxcfs (if the
+//! session started it) is stopped by PID,
 //! `TestRoot` unmounts volumes and detaches loop devices, `BtrfsFs` unmounts its image.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vzkit_host::command::SystemRunner;
@@ -22,15 +23,8 @@ use vzkit_host::paths::Layout;
 use vzkit_runtime::lxc::{Lxc, State, lxcpath};
 use vzkit_storage::manager::Storages;
 use vzkit_tests::TestRoot;
+use vzkit_tests::lxc::{CtGuard, SubIds, must, session, sh};
 use vzkit_tests::pools::BtrfsFs;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -39,198 +33,27 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn sh(cmd: &str) -> Output {
-    Command::new("sh").args(["-c", cmd]).output().unwrap()
-}
-
-fn must(cmd: &str) -> String {
-    let out = sh(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn warn(msg: String) {
     eprintln!("WARN: {msg}");
 }
 
-/// Thaws and kills the container of a root on drop (before `TestRoot` unmounts its
-/// volumes).
-struct CtGuard {
-    lxcpath: PathBuf,
-    vmid: u32,
-}
-
-impl Drop for CtGuard {
-    fn drop(&mut self) {
-        // A frozen container cannot be killed: thaw it first.
-        let _ = Command::new("lxc-unfreeze")
-            .arg("-P")
-            .arg(&self.lxcpath)
-            .args(["-n", &self.vmid.to_string()])
-            .output();
-        let _ = Command::new("lxc-stop")
-            .arg("-P")
-            .arg(&self.lxcpath)
-            .args(["-n", &self.vmid.to_string(), "--kill"])
-            .output();
-    }
-}
-
-/// lxcfs, started by the test when none is running, stopped by PID on drop.
-struct Lxcfs {
-    child: Option<Child>,
-}
-
-const LXCFS_DIR: &str = "/var/lib/lxcfs";
-
-impl Lxcfs {
-    fn ensure() -> Self {
-        if sh(&format!("mountpoint -q {LXCFS_DIR}")).status.success() {
-            return Self { child: None };
-        }
-        std::fs::create_dir_all(LXCFS_DIR).unwrap();
-        let pidfile =
-            std::env::temp_dir().join(format!("vzkit-lxcfs-vzd-{}.pid", std::process::id()));
-        let child = Command::new("lxcfs")
-            .arg("-f")
-            .arg("-p")
-            .arg(&pidfile)
-            .arg(LXCFS_DIR)
-            .spawn()
-            .unwrap();
-        let guard = Self { child: Some(child) };
-        let t = Instant::now();
-        while !Path::new(LXCFS_DIR).join("proc/meminfo").exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "lxcfs did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        guard
-    }
-}
-
-impl Drop for Lxcfs {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if child.try_wait().ok().flatten().is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            if sh(&format!("mountpoint -q {LXCFS_DIR}")).status.success() {
-                let _ = sh(&format!("umount -l {LXCFS_DIR}"));
-            }
-        }
-    }
-}
-
-/// Makes sure `/etc/subuid` and `/etc/subgid` allow root the range 100000:65536; restores
-/// the files on drop.
-struct SubIds {
-    saved: Vec<(PathBuf, Option<Vec<u8>>)>,
-}
-
-impl SubIds {
-    fn ensure() -> Self {
-        let mut saved = Vec::new();
-        for f in ["/etc/subuid", "/etc/subgid"] {
-            let old = std::fs::read(f).ok();
-            let text = String::from_utf8_lossy(old.as_deref().unwrap_or_default()).into_owned();
-            if !text.lines().any(|l| l.trim() == "root:100000:65536") {
-                let mut new = text.clone();
-                if !new.is_empty() && !new.ends_with('\n') {
-                    new.push('\n');
-                }
-                new.push_str("root:100000:65536\n");
-                std::fs::write(f, new).unwrap();
-                saved.push((PathBuf::from(f), old));
-            }
-        }
-        Self { saved }
-    }
-}
-
-impl Drop for SubIds {
-    fn drop(&mut self) {
-        for (f, old) in &self.saved {
-            match old {
-                Some(data) => {
-                    let _ = std::fs::write(f, data);
-                }
-                None => {
-                    let _ = std::fs::remove_file(f);
-                }
-            }
-        }
-    }
-}
-
-/// A minimal busybox system whose init respawns a long sleep.
+/// A minimal busybox system (`vzkit_tests::lxc::populate_busybox`) whose init also runs
+/// a writer that keeps appending a counter (`1`, `2`, …) to `/root/ticker` every 10 ms,
+/// continuing the count after a restart.
 fn populate_busybox(root: &Path) {
-    for d in [
-        "bin",
-        "sbin",
-        "etc/init.d",
-        "proc",
-        "sys",
-        "dev",
-        "tmp",
-        "root",
-        "run",
-        "var/log",
-        "usr/bin",
-        "usr/sbin",
-    ] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    must(&format!(
-        "chroot '{}' /bin/busybox --install -s",
-        root.display()
-    ));
+    vzkit_tests::lxc::populate_busybox(root, "ct");
     std::fs::write(
         root.join("etc/inittab"),
         "::sysinit:/etc/init.d/rcS\n::respawn:/bin/sleep 1000000\n\
          ::respawn:/bin/sh /etc/ticker.sh\n",
     )
     .unwrap();
-    // A writer that keeps appending a counter (`1`, `2`, …) to `/root/ticker` every 10 ms,
-    // continuing the count after a restart.
     std::fs::write(
         root.join("etc/ticker.sh"),
         "i=$(cat /root/ticker 2>/dev/null | wc -l)\n\
          while :; do i=$((i+1)); echo $i >> /root/ticker; usleep 10000; done\n",
     )
     .unwrap();
-    std::fs::write(
-        root.join("etc/init.d/rcS"),
-        "#!/bin/sh\nhostname -F /etc/hostname\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        root.join("etc/init.d/rcS"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    std::fs::write(root.join("etc/alpine-release"), "3.19.0\n").unwrap();
     std::fs::write(root.join("etc/hostname"), "old\n").unwrap();
 }
 
@@ -253,7 +76,7 @@ fn host_with_ct_as(
     std::fs::set_permissions(r.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let guard = CtGuard {
         lxcpath: lxcpath(&Layout::new(r.path())),
-        vmid,
+        vmids: vec![vmid],
     };
     if let Some(cfg) = storage_cfg {
         r.write("/etc/pve/storage.cfg", cfg);
@@ -378,8 +201,7 @@ async fn assert_running_and_alive(lxc: &Lxc<'_>, vmid: u32) {
 #[test]
 #[ignore = "needs root: real LXC containers, loop devices, mounts, lxcfs"]
 fn stop_mode_shuts_down_backs_up_and_restarts_a_running_container() {
-    let _s = serial();
-    let _lxcfs = Lxcfs::ensure();
+    let _s = session();
     let (r, _g) = host_with_ct(951, "local:0.1", None);
     let s = storages(&r);
     let lxc = Lxc::new(&s);
@@ -532,8 +354,7 @@ fn btrfs_snapshots(fs: &BtrfsFs) -> String {
 /// Snapshot mode on a running container `vmid` whose rootfs `spec` on a btrfs storage
 /// (quotas on) becomes the volume `rootfs`.
 fn btrfs_snapshot_case(vmid: u32, spec: &str, rootfs: &str) {
-    let _s = serial();
-    let _lxcfs = Lxcfs::ensure();
+    let _s = session();
     let fs = BtrfsFs::new(1 << 30, true);
     let (r, _g) = host_with_ct(vmid, spec, Some(&fs.storage_cfg("bt", "store")));
     let conf_text = r.read(&format!("/etc/pve/lxc/{vmid}.conf"));
@@ -733,8 +554,7 @@ fn snapshot_mode_on_btrfs_subvol_keeps_the_container_running_and_removes_the_sna
 #[test]
 #[ignore = "needs root: real LXC containers, loop devices, mounts, lxcfs, rsync"]
 fn snapshot_mode_on_dir_falls_back_to_suspend_and_thaws_the_container() {
-    let _s = serial();
-    let _lxcfs = Lxcfs::ensure();
+    let _s = session();
     let (r, _g) = host_with_ct(953, "local:0.1", None);
     let s = storages(&r);
     let lxc = Lxc::new(&s);
@@ -838,7 +658,7 @@ fn snapshot_mode_on_dir_falls_back_to_suspend_and_thaws_the_container() {
     // The backup restores to a new container, which starts and has the live data.
     let _g2 = CtGuard {
         lxcpath: lxcpath(&Layout::new(r.path())),
-        vmid: 956,
+        vmids: vec![956],
     };
     let archive = the_archive(&dump);
     r.ok(
@@ -906,8 +726,7 @@ fn tar_verbose(archive: &Path) -> String {
 #[test]
 #[ignore = "needs root: real unprivileged LXC containers, loop devices, mounts, rsync"]
 fn unprivileged_container_in_suspend_and_stop_mode_archives_container_ids() {
-    let _s = serial();
-    let _lxcfs = Lxcfs::ensure();
+    let _s = session();
     let _ids = SubIds::ensure();
     let (r, _g) = host_with_ct_as(955, "local:0.1", None, 100_000);
     let s = storages(&r);
