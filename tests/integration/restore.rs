@@ -129,9 +129,9 @@ fn backup_conf(bind_src: &Path, unprivileged: bool) -> String {
 }
 
 /// Entries whose metadata is not compared, and extra entries allowed in the restore.
-struct Skips {
-    meta: Vec<&'static [u8]>,
-    extra: Vec<&'static [u8]>,
+pub(crate) struct Skips {
+    pub(crate) meta: Vec<&'static [u8]>,
+    pub(crate) extra: Vec<&'static [u8]>,
 }
 
 fn skips(simple: bool) -> Skips {
@@ -203,7 +203,7 @@ fn acl_blocks(text: &[u8], shift: u32) -> BTreeMap<String, Vec<String>> {
 }
 
 /// Compares the restored tree `dst` with `src`, ids shifted by `shift`.
-fn compare_trees(src: &Path, dst: &Path, shift: u32, sk: &Skips) {
+pub(crate) fn compare_trees(src: &Path, dst: &Path, shift: u32, sk: &Skips) {
     let (ms, acl_s) = common::snapshot(src);
     let (md, acl_d) = common::snapshot(dst);
     let mut diffs = Vec::new();

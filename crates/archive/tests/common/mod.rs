@@ -462,7 +462,11 @@ fn node_of(p: &Path, inodes: &mut BTreeMap<u64, Vec<u8>>, rel: &[u8]) -> Node {
     let mut xattrs = Vec::new();
     if !ft.is_symlink() {
         let mut buf = vec![0u8; 65536];
-        let n = rustix::fs::llistxattr(p, &mut buf[..]).unwrap();
+        // A file system without xattr support (zfs-fuse) has no xattrs to compare.
+        let n = match rustix::fs::llistxattr(p, &mut buf[..]) {
+            Err(rustix::io::Errno::NOTSUP) => 0,
+            r => r.unwrap(),
+        };
         for name in buf[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
             if name.starts_with(b"user.") || name == b"security.capability" {
                 let mut v = vec![0u8; 65536];
