@@ -115,6 +115,12 @@ fn privileged_container_life_cycle() {
         lxc.start(901, false, &mut warn).await.unwrap();
         assert_eq!(lxc.status(901).await.unwrap(), "running");
         assert!(is_mounted(&rootfs));
+        // `pct list` and `pct status` (the binaries) see it running too.
+        assert_eq!(
+            r.ok("pct", &["list"]),
+            "VMID Status  Lock Name\n901  running      ct901\n"
+        );
+        assert_eq!(r.ok("pct", &["status", "901"]), "status: running\n");
         let err = lxc.start(901, false, &mut warn).await.unwrap_err();
         assert_eq!(err.to_string(), "CT 901 already running");
 

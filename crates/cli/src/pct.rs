@@ -188,7 +188,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 name: String,
             }
             let rows: Vec<Row> = cts
-                .list()?
+                .list()
+                .await?
                 .into_iter()
                 .map(|(vmid, status, lock, name)| Row {
                     vmid,

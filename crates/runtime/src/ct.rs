@@ -300,17 +300,17 @@ impl<'a> Containers<'a> {
         })
     }
 
-    /// `pct list` rows: (vmid, status, lock, name).
+    /// `pct list` rows: (vmid, status, lock, name). The status is PVE's `running` or
+    /// `stopped`, as LXC reports it; `pct mount` shows as the `mounted` lock.
     ///
     /// # Errors
-    /// When a config cannot be read.
-    pub fn list(&self) -> Result<Vec<(u32, String, String, String)>> {
+    /// When a config cannot be read or LXC cannot be asked for a container's state.
+    pub async fn list(&self) -> Result<Vec<(u32, String, String, String)>> {
+        let lxc = crate::lxc::Lxc::new(self.storages);
         let mut rows = Vec::new();
         for vmid in self.store.list()? {
             let conf = self.store.load(vmid)?;
-            let root = self.store.layout().ct_rootfs(vmid);
-            let mounted = hmount::is_mountpoint(&root).unwrap_or(false);
-            let status = if mounted { "mounted" } else { "stopped" };
+            let status = lxc.state(vmid).await?.status();
             rows.push((
                 vmid,
                 status.to_string(),
