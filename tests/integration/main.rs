@@ -2,10 +2,10 @@
 //! ext4 images and mounts. They need root and are marked `#[ignore]` with that reason; the
 //! project's test command runs them with `--include-ignored` as root.
 
+mod btrfs;
 /// Tree fixtures and GNU tar helpers shared with the archive crate's tests.
 #[path = "../../crates/archive/tests/common/mod.rs"]
 mod common;
-mod btrfs;
 mod dir_storage;
 mod lxc;
 mod pct_mounts;
@@ -15,5 +15,5 @@ mod restore;
 mod snapshots;
 mod vm_lvmthin;
 mod vzdump;
-mod zfspool;
 mod vzdump_running;
+mod zfspool;
