@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::config::ContentType;
+use crate::config::{ContentType, StorageSection};
 use crate::error::{Result, StorageError};
 use crate::volid::ParsedVolname;
 
@@ -186,14 +186,21 @@ pub enum VolumeAttribute {
 /// One storage backend bound to one `storage.cfg` section.
 #[async_trait::async_trait]
 pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
+    /// The `storage.cfg` section this backend serves.
+    fn section(&self) -> &StorageSection;
+
     /// The storage id (`local`).
-    fn id(&self) -> &str;
+    fn id(&self) -> &str {
+        self.section().id()
+    }
 
     /// The type name in `storage.cfg` (`dir`).
     fn storage_type(&self) -> &'static str;
 
     /// Content types this storage is configured for.
-    fn content(&self) -> Vec<ContentType>;
+    fn content(&self) -> Vec<ContentType> {
+        self.section().content().iter().copied().collect()
+    }
 
     /// Splits a volume name into its parts.
     ///

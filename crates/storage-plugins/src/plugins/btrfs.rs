@@ -358,16 +358,12 @@ impl BtrfsPlugin {
 
 #[async_trait::async_trait]
 impl StoragePlugin for BtrfsPlugin {
-    fn id(&self) -> &str {
-        self.section.id()
+    fn section(&self) -> &StorageSection {
+        &self.section
     }
 
     fn storage_type(&self) -> &'static str {
         "btrfs"
-    }
-
-    fn content(&self) -> Vec<ContentType> {
-        self.section.content().iter().copied().collect()
     }
 
     fn parse_volname(&self, volname: &str) -> Result<ParsedVolname> {

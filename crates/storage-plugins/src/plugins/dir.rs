@@ -334,16 +334,12 @@ fn remove_archive(path: &Path) -> Result<()> {
 
 #[async_trait::async_trait]
 impl StoragePlugin for DirPlugin {
-    fn id(&self) -> &str {
-        self.section.id()
+    fn section(&self) -> &StorageSection {
+        &self.section
     }
 
     fn storage_type(&self) -> &'static str {
         "dir"
-    }
-
-    fn content(&self) -> Vec<ContentType> {
-        self.section.content().iter().copied().collect()
     }
 
     fn parse_volname(&self, volname: &str) -> Result<ParsedVolname> {

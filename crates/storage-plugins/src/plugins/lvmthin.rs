@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use vzkit_host::command::{Cmd, CommandError, Runner};
 
-use crate::config::{ContentType, StorageSection};
+use crate::config::StorageSection;
 use crate::error::{Result, StorageError};
 use crate::plugin::{
     Feature, FeatureTable, StoragePlugin, StorageStatus, VolumeAccess, VolumeInfo, VolumeState,
@@ -243,16 +243,12 @@ impl LvmThinPlugin {
 
 #[async_trait::async_trait]
 impl StoragePlugin for LvmThinPlugin {
-    fn id(&self) -> &str {
-        self.section.id()
+    fn section(&self) -> &StorageSection {
+        &self.section
     }
 
     fn storage_type(&self) -> &'static str {
         "lvmthin"
-    }
-
-    fn content(&self) -> Vec<ContentType> {
-        self.section.content().iter().copied().collect()
     }
 
     fn parse_volname(&self, volname: &str) -> Result<ParsedVolname> {

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use vzkit_host::command::{Cmd, CommandError, Runner};
 
-use crate::config::{ContentType, StorageSection};
+use crate::config::StorageSection;
 use crate::error::{Result, StorageError};
 use crate::plugin::{
     Feature, FeatureTable, StoragePlugin, StorageStatus, VolumeAccess, VolumeInfo, VolumeState,
@@ -596,16 +596,12 @@ impl ZfsPoolPlugin {
 
 #[async_trait::async_trait]
 impl StoragePlugin for ZfsPoolPlugin {
-    fn id(&self) -> &str {
-        self.section.id()
+    fn section(&self) -> &StorageSection {
+        &self.section
     }
 
     fn storage_type(&self) -> &'static str {
         "zfspool"
-    }
-
-    fn content(&self) -> Vec<ContentType> {
-        self.section.content().iter().copied().collect()
     }
 
     fn parse_volname(&self, volname: &str) -> Result<ParsedVolname> {
