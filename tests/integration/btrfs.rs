@@ -29,18 +29,6 @@ fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"))
 }
 
-fn fill(path: &Path, len: usize) -> std::io::Result<()> {
-    let mut f = std::fs::File::create(path)?;
-    let chunk = vec![0xa5u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        f.write_all(&chunk[..n])?;
-        left -= n;
-    }
-    f.sync_all()
-}
-
 fn write_at(path: &Path, data: &[u8]) {
     let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.seek(SeekFrom::Start(4096)).unwrap();
@@ -81,7 +69,7 @@ async fn subvolumes_raw_images_snapshots_and_clones_on_btrfs() {
             .join("store/images/100/subvol-100-disk-0.subvol")
     );
     assert_eq!(p.volume_size_info(&sub).await.unwrap(), 16 << 20);
-    let err = fill(&sdir.join("big"), 24 << 20).unwrap_err();
+    let err = vzkit_tests::pools::fill(&sdir.join("big"), 24 << 20).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(EDQUOT), "{err}");
     std::fs::remove_file(sdir.join("big")).unwrap();
 
@@ -148,7 +136,7 @@ async fn subvolumes_raw_images_snapshots_and_clones_on_btrfs() {
     p.volume_snapshot_rollback(&sub, "s1").await.unwrap();
     assert_eq!(std::fs::read(sdir.join("f")).unwrap(), b"v1");
     assert_eq!(p.volume_size_info(&sub).await.unwrap(), 16 << 20);
-    let err = fill(&sdir.join("big"), 24 << 20).unwrap_err();
+    let err = vzkit_tests::pools::fill(&sdir.join("big"), 24 << 20).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(EDQUOT), "{err}");
     std::fs::remove_file(sdir.join("big")).unwrap();
     let err = p

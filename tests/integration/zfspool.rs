@@ -3,7 +3,6 @@
 //! The plugin API is driven through the real `zfs`/`zpool` commands; `pvesm` and `pct` run
 //! as binaries against a scratch root whose `storage.cfg` points at the pool.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,19 +25,6 @@ fn plugin(pool: &ZfsPool) -> ZfsPoolPlugin {
 
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"))
-}
-
-/// Writes `len` bytes of zeros to `path`; returns the error of the first failing write.
-fn fill(path: &Path, len: usize) -> std::io::Result<()> {
-    let mut f = std::fs::File::create(path)?;
-    let chunk = vec![0x5au8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        f.write_all(&chunk[..n])?;
-        left -= n;
-    }
-    f.sync_all()
 }
 
 async fn dir_of(p: &ZfsPoolPlugin, volname: &str, snap: Option<&str>) -> std::path::PathBuf {
@@ -78,7 +64,7 @@ async fn alloc_quota_snapshot_rollback_free_on_zfs_fuse() {
     let dir = dir_of(&p, &vol, None).await;
     assert_eq!(dir, pool.mountpoint().join(&vol));
     assert_eq!(p.volume_size_info(&vol).await.unwrap(), 32 << 20);
-    let err = fill(&dir.join("big"), 40 << 20).unwrap_err();
+    let err = vzkit_tests::pools::fill(&dir.join("big"), 40 << 20).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc_edquot()), "{err}");
     std::fs::remove_file(dir.join("big")).unwrap();
     // activate_storage mounts what is not mounted (`zfs mount -a`).
@@ -477,7 +463,7 @@ async fn full_pool_refuses_writes_and_recovers_after_free() {
     let vol = p.alloc_image(100, "subvol", None, 0).await.unwrap();
     let dir = dir_of(&p, &vol, None).await;
     let start = std::time::Instant::now();
-    let err = fill(
+    let err = vzkit_tests::pools::fill(
         &dir.join("big"),
         usize::try_from(avail).unwrap() + (8 << 20),
     )

@@ -325,3 +325,22 @@ impl Drop for BtrfsFs {
         }
     }
 }
+
+/// Writes `len` bytes (a non-zero pattern, so no file system can store them as a hole) to a
+/// new file at `path` and syncs it; returns the error of the first failing write, which is
+/// how the tests see a quota or a full pool.
+///
+/// # Errors
+/// The first write or sync error.
+pub fn fill(path: &Path, len: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        f.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    f.sync_all()
+}
