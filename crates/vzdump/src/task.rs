@@ -347,7 +347,8 @@ async fn run_steps(ctx: &JobContext, t: &mut Task) -> Result<()> {
     if let Some(j) = t.journal.as_mut() {
         j.update(|s| s.tmpdir = Some(tmpdir.clone()))?;
     }
-    std::fs::create_dir(&tmpdir)
+    // As PVE's `mkpath`: parents such as a fresh root's `/var/tmp` are created too.
+    std::fs::create_dir_all(&tmpdir)
         .map_err(|e| io_msg("unable to create temporary directory", &tmpdir, &e))?;
     t.tmpdir = Some(tmpdir.clone());
 
