@@ -204,6 +204,19 @@ fn acl_blocks(text: &[u8], shift: u32) -> BTreeMap<String, Vec<String>> {
 
 /// Compares the restored tree `dst` with `src`, ids shifted by `shift`.
 pub(crate) fn compare_trees(src: &Path, dst: &Path, shift: u32, sk: &Skips) {
+    compare_trees_with(src, dst, shift, sk, false);
+}
+
+/// As [`compare_trees`]; with `ignore_holes` whether a file has holes is not compared (a
+/// source on zfs-fuse, whose block accounting makes dense files look sparse, so that the
+/// archive stores their zero runs as holes). Content is always compared.
+pub(crate) fn compare_trees_with(
+    src: &Path,
+    dst: &Path,
+    shift: u32,
+    sk: &Skips,
+    ignore_holes: bool,
+) {
     let (ms, acl_s) = common::snapshot(src);
     let (md, acl_d) = common::snapshot(dst);
     let mut diffs = Vec::new();
@@ -225,6 +238,9 @@ pub(crate) fn compare_trees(src: &Path, dst: &Path, shift: u32, sk: &Skips) {
             continue;
         }
         let mut want = want.clone();
+        if ignore_holes {
+            want.sparse_blocks = got.sparse_blocks;
+        }
         want.uid += shift;
         want.gid += shift;
         for (name, v) in &mut want.xattrs {
