@@ -1,5 +1,6 @@
-//! The kernel-VM tier: LVM-thin and quota enforcement on Debian's kernel under qemu (this
-//! host's kernel has neither device-mapper nor ext4 quota support).
+//! The kernel-VM tier: LVM-thin, quota enforcement and a snapshot-mode backup of a running
+//! LXC container on LVM-thin, on Debian's kernel under qemu (this host's kernel has neither
+//! device-mapper nor ext4 quota support).
 //!
 //! One guest boot serves every test here: the first test to ask for [`guest_run`] boots the
 //! VM, which runs all groups of steps (see `tests/src/vm.rs`); each test then asserts its own
@@ -27,6 +28,8 @@ const QROOT: &str = "/run/vzkit-quota";
 const BASE_CONF: &str = "arch: amd64\nhostname: ct100\nmemory: 512\nostype: debian\n";
 /// The name of the plugin-API test, re-run inside the guest.
 const PLUGIN_TEST: &str = "vm_lvmthin::lvmthin_plugin_api_in_vm";
+/// The name of the snapshot-mode backup test, re-run inside the guest.
+const SNAPSHOT_TEST: &str = "vm_lvmthin::lvmthin_snapshot_mode_backup_of_a_running_container_in_vm";
 
 fn storage_cfg() -> String {
     format!(
@@ -50,7 +53,7 @@ fn plan() -> GuestPlan {
     let ct = format!("{ROOT}/var/lib/lxc/100/rootfs");
     let q = format!("{QROOT}/var/lib/lxc/200/rootfs/q");
     GuestPlan::new()
-        .modules(&["dm-thin-pool", "dm-snapshot", "loop", "quota_v2"])
+        .modules(&["dm-thin-pool", "dm-snapshot", "loop", "quota_v2", "btrfs"])
         .env("PVESM", vzkit_tests::bin("pvesm"))
         .env("PCT", vzkit_tests::bin("pct"))
         .env("TEST_EXE", &test_exe)
@@ -159,6 +162,34 @@ fn plan() -> GuestPlan {
             &format!(
                 "export {}=1\n\
                  \"$TEST_EXE\" --exact {PLUGIN_TEST} --include-ignored --nocapture --test-threads 1\n",
+                vm::GUEST_ENV
+            ),
+        )
+        // A running container on LXC in the guest, backed up in snapshot mode.
+        .group("lxc-snapshot", &["lvm"])
+        .step(
+            "lxc-host",
+            // What LXC needs of a host: the hybrid cgroup v1 layout this project's LXC
+            // configuration is written for (as on the build host), devpts for the console,
+            // and no lxcfs (its mount hook skips an empty directory).
+            "mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup\n\
+             for c in cpu cpuacct cpuset memory devices freezer blkio pids; do\n\
+             \tmkdir /sys/fs/cgroup/$c; mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c\n\
+             done\n\
+             mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified\n\
+             mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd\n\
+             mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified\n\
+             mkdir -p /dev/pts\n\
+             mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts\n\
+             ln -sf pts/ptmx /dev/ptmx\n\
+             mount -t tmpfs tmpfs /var/lib/lxcfs\n\
+             grep cgroup /proc/self/mounts\n",
+        )
+        .step(
+            "lxc-snapshot-backup",
+            &format!(
+                "export {}=1\n\
+                 \"$TEST_EXE\" --exact {SNAPSHOT_TEST} --include-ignored --nocapture --test-threads 1\n",
                 vm::GUEST_ENV
             ),
         )
@@ -464,6 +495,205 @@ fn lvmthin_plugin_api_in_vm() {
     );
     assert!(out.contains("plugin-api: all steps passed"), "{out}");
     println!("{out}");
+}
+
+/// Snapshot mode on LVM-thin: a running busybox container (rootfs on lvmthin, a `backup=1`
+/// mount point on a btrfs image) is backed up by the real `vzdump` binary inside the guest.
+/// The `snap_<vol>_vzdump` LV and the btrfs snapshot are gone afterwards and the container
+/// kept running. The archive is restored onto `dir` and back onto lvmthin, both trees equal
+/// the source.
+#[test]
+#[ignore = "needs root and qemu: boots a kernel VM"]
+fn lvmthin_snapshot_mode_backup_of_a_running_container_in_vm() {
+    if vm::in_guest() {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(snapshot_backup_steps());
+        return;
+    }
+    let run = guest_run();
+    run.assert_group_ok("lxc-snapshot");
+    let out = run.ok("lxc-snapshot-backup");
+    assert!(
+        out.contains("test result: ok. 1 passed"),
+        "the snapshot-mode test did not run in the guest:\n{out}"
+    );
+    assert!(out.contains("lxc-snapshot: all steps passed"), "{out}");
+    println!("{out}");
+}
+
+async fn snapshot_backup_steps() {
+    use vzkit_host::paths::Layout;
+    use vzkit_runtime::lxc::{Lxc, State};
+    use vzkit_storage::manager::Storages;
+
+    let step = |s: &str| println!("lxc-snapshot: {s}");
+    let mut warn = |m: String| eprintln!("WARN: {m}");
+    let r = vzkit_tests::TestRoot::new();
+    let bt = r.join("/btrfs");
+    std::fs::create_dir_all(&bt).unwrap();
+    let img = r.join("/btrfs.img");
+    ok("truncate", &["-s", "256M", &img.to_string_lossy()]);
+    ok("mkfs.btrfs", &["-q", &img.to_string_lossy()]);
+    ok(
+        "mount",
+        &["-o", "loop", &img.to_string_lossy(), &bt.to_string_lossy()],
+    );
+    r.write(
+        "/etc/pve/storage.cfg",
+        &format!(
+            "dir: local\n\tpath {}\n\tcontent rootdir,images,backup\n\n\
+             lvmthin: local-lvm\n\tthinpool data\n\tvgname pve\n\tcontent rootdir,images\n\n\
+             btrfs: bt\n\tpath {}\n\tcontent rootdir,images\n",
+            r.join("/var/lib/vz").display(),
+            bt.display()
+        ),
+    );
+    r.write(
+        "/etc/pve/lxc/400.conf",
+        "arch: amd64\nhostname: ct400\nmemory: 64\nostype: alpine\n",
+    );
+    r.ok(
+        "pct",
+        &[
+            "set",
+            "400",
+            "--rootfs",
+            "local-lvm:0.25",
+            "--mp0",
+            "bt:0,mp=/mnt/data,backup=1",
+        ],
+    );
+    r.ok("pct", &["mount", "400"]);
+    let root = r.join("/var/lib/lxc/400/rootfs");
+    vzkit_tests::lxc::populate_busybox(&root, "ct400");
+    std::fs::create_dir_all(root.join("mnt/data/sub")).unwrap();
+    std::fs::write(root.join("mnt/data/sub/f"), b"on btrfs\n").unwrap();
+    std::fs::write(root.join("root/blob"), crate::common::noise(1 << 20, 3)).unwrap();
+    ok(
+        "chown",
+        &["-h", "33:33", &root.join("mnt/data/sub").to_string_lossy()],
+    );
+    r.ok("pct", &["unmount", "400"]);
+    step("container on lvmthin + btrfs populated");
+
+    let s = Storages::load(Layout::new(r.path()), Arc::new(SystemRunner))
+        .unwrap()
+        .0;
+    let lxc = Lxc::new(&s);
+    lxc.start(400, false, &mut warn).await.unwrap();
+    let out = lxc
+        .exec(
+            400,
+            &[
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo live > /root/live.txt".into(),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(out.success(), "{}", out.stderr_str());
+    let pid = lxc.init_pid(400).await.unwrap();
+    step("container running");
+
+    let dump = r.join("/dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    let o = r.run(
+        "vzdump",
+        &[
+            "400",
+            "--mode",
+            "snapshot",
+            "--dumpdir",
+            &dump.to_string_lossy(),
+            "--compress",
+            "zstd",
+        ],
+    );
+    let log = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{log}");
+    for needle in [
+        "backup mode: snapshot",
+        "create storage snapshot 'vzdump'",
+        "including mount point mp0 ('/mnt/data') in backup",
+        "cleanup temporary 'vzdump' snapshot",
+    ] {
+        assert!(log.contains(needle), "no {needle:?} in:\n{log}");
+    }
+    assert_eq!(lxc.state(400).await.unwrap(), State::Running);
+    assert_eq!(lxc.init_pid(400).await.unwrap(), pid);
+    let lvs = lv_names();
+    assert!(!lvs.iter().any(|n| n.contains("vzdump")), "{lvs:?}");
+    let subvols = ok("btrfs", &["subvolume", "list", &bt.to_string_lossy()]);
+    assert!(!subvols.contains("vzdump"), "{subvols}");
+    let conf = r.read("/etc/pve/lxc/400.conf");
+    assert!(
+        !conf.contains("vzdump") && !conf.contains("lock:"),
+        "{conf}"
+    );
+    step("snapshot-mode vzdump of the running container; no vzdump snapshot left");
+    lxc.stop(400, &mut warn).await.unwrap();
+
+    let archive = std::fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".tar.zst"))
+        .expect("an archive");
+    let a = archive.to_string_lossy();
+    r.ok(
+        "pct",
+        &[
+            "restore",
+            "401",
+            &a,
+            "--rootfs",
+            "local:0.25",
+            "--mp0",
+            "local:0.1,mp=/mnt/data",
+        ],
+    );
+    r.ok(
+        "pct",
+        &[
+            "restore",
+            "402",
+            &a,
+            "--rootfs",
+            "local-lvm:0.25",
+            "--mp0",
+            "local-lvm:0.1,mp=/mnt/data",
+        ],
+    );
+    let restored = r.read("/etc/pve/lxc/402.conf");
+    assert!(
+        restored.contains("rootfs: local-lvm:vm-402-disk-0"),
+        "{restored}"
+    );
+    for id in ["400", "401", "402"] {
+        r.ok("pct", &["mount", id]);
+    }
+    let sk = crate::restore::Skips {
+        // Each restored ext4 volume has its own fresh lost+found.
+        meta: vec![b"", b"etc", b"mnt", b"mnt/data", b"lost+found"],
+        extra: vec![b"lost+found", b"etc/vzdump", b"mnt/data/lost+found"],
+    };
+    for id in [401, 402] {
+        let dst = r.join(&format!("/var/lib/lxc/{id}/rootfs"));
+        assert_eq!(
+            std::fs::read_to_string(dst.join("root/live.txt")).unwrap(),
+            "live\n"
+        );
+        crate::restore::compare_trees(&root, &dst, 0, &sk);
+    }
+    for id in ["402", "401", "400"] {
+        r.ok("pct", &["unmount", id]);
+    }
+    ok("umount", &[&bt.to_string_lossy()]);
+    step("restored onto dir and onto lvmthin, trees equal");
+    println!("lxc-snapshot: all steps passed");
 }
 
 fn plugin() -> LvmThinPlugin {

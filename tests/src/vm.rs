@@ -603,7 +603,7 @@ EOF
             ))
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 init={} panic=-1 quiet",
+                "console=ttyS0 init={} panic=-1 quiet apparmor=0",
                 init.display()
             ))
             .stdin(Stdio::null())
