@@ -599,6 +599,48 @@ async fn snapshot_backup_steps() {
     let pid = lxc.init_pid(400).await.unwrap();
     step("container running");
 
+    // A backup that fails after the snapshots were taken (a 256 KiB dump directory cannot
+    // hold the archive): both vzdump snapshots are removed, the container runs on.
+    let small = r.join("/small-dump");
+    std::fs::create_dir_all(&small).unwrap();
+    ok(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=256k",
+            "tmpfs",
+            &small.to_string_lossy(),
+        ],
+    );
+    let o = r.run(
+        "vzdump",
+        &[
+            "400",
+            "--mode",
+            "snapshot",
+            "--dumpdir",
+            &small.to_string_lossy(),
+            "--compress",
+            "zstd",
+        ],
+    );
+    let log = String::from_utf8_lossy(&o.stderr).into_owned();
+    ok("umount", &[&small.to_string_lossy()]);
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("create storage snapshot 'vzdump'"), "{log}");
+    assert!(log.contains("Backup of VM 400 failed - "), "{log}");
+    assert!(
+        !lv_names().iter().any(|n| n.contains("vzdump")),
+        "{:?}",
+        lv_names()
+    );
+    let subvols = ok("btrfs", &["subvolume", "list", &bt.to_string_lossy()]);
+    assert!(!subvols.contains("vzdump"), "{subvols}");
+    assert_eq!(lxc.init_pid(400).await.unwrap(), pid);
+    step("a failing snapshot-mode backup leaves no vzdump snapshot");
+
     let dump = r.join("/dump");
     std::fs::create_dir_all(&dump).unwrap();
     let o = r.run(
