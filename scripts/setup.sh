@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
     acl attr e2fsprogs util-linux mount tar zstd gzip lzop pigz
     qemu-utils coreutils findutils btrfs-progs zfs-fuse rsync
-    lxc lxcfs busybox-static uidmap bridge-utils
+    lxc lxcfs busybox-static uidmap bridge-utils debootstrap
     linux-image-amd64 qemu-system-x86 lvm2 thin-provisioning-tools quota
 )
 missing=()

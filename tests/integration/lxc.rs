@@ -19,7 +19,7 @@ use vzkit_host::paths::Layout;
 use vzkit_runtime::lxc::{CtCgroup, Lxc, StartOptions, State, lxcpath};
 use vzkit_storage::manager::Storages;
 use vzkit_tests::TestRoot;
-use vzkit_tests::lxc::{CtGuard, SubIds, must, populate_busybox, session, sh};
+use vzkit_tests::lxc::{Bridge, CtGuard, SubIds, must, populate_busybox, session, sh};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -30,25 +30,6 @@ fn rt() -> tokio::runtime::Runtime {
 
 fn warn(msg: String) {
     eprintln!("WARN: {msg}");
-}
-
-/// A bridge in the host, removed on drop.
-struct Bridge(&'static str);
-
-impl Bridge {
-    fn create(name: &'static str) -> Self {
-        let _ = sh(&format!("ip link del {name}"));
-        must(&format!(
-            "ip link add {name} type bridge && ip link set {name} up"
-        ));
-        Self(name)
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = sh(&format!("ip link del {}", self.0));
-    }
 }
 
 /// A scratch host with a container `vmid` whose rootfs is an ext4 volume holding a busybox

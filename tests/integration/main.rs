@@ -8,6 +8,7 @@ mod btrfs;
 mod common;
 mod dir_storage;
 mod lxc;
+mod lxc_systemd;
 mod pct_mounts;
 mod pveam;
 mod refusals;

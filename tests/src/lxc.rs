@@ -250,3 +250,28 @@ pub fn populate_busybox(root: &Path, hostname: &str) {
     std::fs::write(root.join("etc/alpine-release"), "3.19.0\n").unwrap();
     std::fs::write(root.join("etc/hostname"), format!("{hostname}-old\n")).unwrap();
 }
+
+/// A bridge in the host, removed on drop.
+#[derive(Debug)]
+pub struct Bridge(&'static str);
+
+impl Bridge {
+    /// Creates (or re-creates) the bridge `name`, up, without addresses.
+    ///
+    /// # Panics
+    /// When `ip` fails.
+    #[must_use]
+    pub fn create(name: &'static str) -> Self {
+        let _ = sh(&format!("ip link del {name}"));
+        must(&format!(
+            "ip link add {name} type bridge && ip link set {name} up"
+        ));
+        Self(name)
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = sh(&format!("ip link del {}", self.0));
+    }
+}
