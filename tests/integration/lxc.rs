@@ -407,6 +407,64 @@ fn veth_on_a_bridge_with_hwaddr() {
     assert!(!is_mounted(&r.join("/var/lib/lxc/904/rootfs")));
 }
 
+/// Whether this kernel can police ingress traffic with the `basic` classifier (PVE's rate
+/// limit); probed on a scratch veth pair.
+fn kernel_can_police() -> bool {
+    let _ = sh("ip link del vzkprobe0");
+    must("ip link add vzkprobe0 type veth peer name vzkprobe1");
+    let ok = sh("tc qdisc add dev vzkprobe0 handle ffff: ingress && \
+         tc filter add dev vzkprobe0 parent ffff: prio 50 basic police rate 1000bps burst 1000b drop")
+    .status
+    .success();
+    let _ = sh("ip link del vzkprobe0");
+    ok
+}
+
+/// `rate=1.5` on net0: the host end of the veth gets PVE's htb class and ingress policer at
+/// 1.5 MB/s, or, on a kernel without the `basic` classifier and `police` action (this build
+/// host), the start is refused with a message naming them and leaves nothing behind.
+#[test]
+#[ignore = "needs root: real LXC containers and a host bridge"]
+fn net_rate_limit_on_the_host_end_or_a_clear_refusal() {
+    let _s = session();
+    let _br = Bridge::create("vzkbr5");
+    let (r, _g) = host_with_ct(
+        905,
+        "arch: amd64\nhostname: ct905\nmemory: 64\nostype: alpine\n\
+         net0: name=eth0,bridge=vzkbr5,ip=10.250.5.2/24,rate=1.5,type=veth\n",
+        0,
+    );
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let police = kernel_can_police();
+    let res = rt().block_on(lxc.start(905, false, &mut warn));
+    if police {
+        res.unwrap();
+        let class = must("tc class show dev veth905i0");
+        assert!(
+            class.contains("htb 1:1") && class.contains("rate 12582Kbit"),
+            "{class}"
+        );
+        let filter = must("tc filter show dev veth905i0 parent ffff:");
+        assert!(
+            filter.contains("basic") && filter.contains("police"),
+            "{filter}"
+        );
+        rt().block_on(lxc.stop(905, &mut warn)).unwrap();
+    } else {
+        let err = res.unwrap_err().to_string();
+        assert!(
+            err.starts_with("net0: unable to limit 'veth905i0' to rate 1.5 MB/s - tc filter add")
+                && err.ends_with("(the kernel needs the 'basic' classifier and 'police' action: cls_basic, act_police)"),
+            "{err}"
+        );
+        assert_eq!(rt().block_on(lxc.state(905)).unwrap(), State::Stopped);
+        assert!(!is_mounted(&r.join("/var/lib/lxc/905/rootfs")));
+        assert!(!Path::new("/sys/class/net/veth905i0").exists());
+        assert!(!r.read("/etc/pve/lxc/905.conf").contains("lock:"));
+    }
+}
+
 #[test]
 #[ignore = "needs root: real LXC containers"]
 fn onboot_containers_start_in_startup_order_and_reboot() {

@@ -53,7 +53,8 @@ fn plan() -> GuestPlan {
     let ct = format!("{ROOT}/var/lib/lxc/100/rootfs");
     let q = format!("{QROOT}/var/lib/lxc/200/rootfs/q");
     GuestPlan::new()
-        .modules(&["dm-thin-pool", "dm-snapshot", "loop", "quota_v2", "btrfs"])
+        .modules(&["dm-thin-pool", "dm-snapshot", "loop", "quota_v2", "btrfs", "veth", "bridge",
+            "sch_htb", "sch_ingress", "cls_basic", "act_police"])
         .env("PVESM", vzkit_tests::bin("pvesm"))
         .env("PCT", vzkit_tests::bin("pct"))
         .env("TEST_EXE", &test_exe)
@@ -183,6 +184,8 @@ fn plan() -> GuestPlan {
              mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts\n\
              ln -sf pts/ptmx /dev/ptmx\n\
              mount -t tmpfs tmpfs /var/lib/lxcfs\n\
+             ip link add vzkbr0 type bridge\n\
+             ip link set vzkbr0 up\n\
              grep cgroup /proc/self/mounts\n",
         )
         .step(
@@ -553,7 +556,8 @@ async fn snapshot_backup_steps() {
     );
     r.write(
         "/etc/pve/lxc/400.conf",
-        "arch: amd64\nhostname: ct400\nmemory: 64\nostype: alpine\n",
+        "arch: amd64\nhostname: ct400\nmemory: 64\nostype: alpine\n\
+         net0: name=eth0,bridge=vzkbr0,ip=10.250.9.2/24,rate=1.5,type=veth\n",
     );
     r.ok(
         "pct",
@@ -598,6 +602,21 @@ async fn snapshot_backup_steps() {
     assert!(out.success(), "{}", out.stderr_str());
     let pid = lxc.init_pid(400).await.unwrap();
     step("container running");
+    // net0's rate (1.5 MB/s) on the host end, with PVE's htb class and ingress policer.
+    let class = ok("tc", &["class", "show", "dev", "veth400i0"]);
+    assert!(
+        class.contains("htb 1:1") && class.contains("rate 12582Kbit"),
+        "{class}"
+    );
+    let filter = ok(
+        "tc",
+        &["filter", "show", "dev", "veth400i0", "parent", "ffff:"],
+    );
+    assert!(
+        filter.contains("basic") && filter.contains("police"),
+        "{filter}"
+    );
+    step("net0 rate limit set on veth400i0");
 
     // A backup that fails after the snapshots were taken (a 256 KiB dump directory cannot
     // hold the archive): both vzdump snapshots are removed, the container runs on.

@@ -15,6 +15,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod rate;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -398,6 +399,24 @@ impl<'a> Lxc<'a> {
                 warn(e.to_string());
             }
             return Err(RuntimeError::Failed(msg));
+        }
+        // `rate` on the host ends of the veths, as PVE's network up script does. A limit
+        // that cannot be set stops the container again: it must not run unlimited.
+        if let Err(e) = self.apply_rate_limits(vmid, conf).await {
+            let _ = self
+                .runner
+                .output(&self.lxc_cmd(LXC_STOP, vmid).arg("--kill"))
+                .await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn apply_rate_limits(&self, vmid: u32, conf: &CtConfig) -> Result<()> {
+        for (key, net) in conf.main.nets()? {
+            let Some(rate) = &net.rate else { continue };
+            let iface = format!("veth{vmid}i{}", key.trim_start_matches("net"));
+            rate::apply(self.runner.as_ref(), &key, &iface, rate).await?;
         }
         Ok(())
     }
