@@ -407,6 +407,108 @@ fn veth_on_a_bridge_with_hwaddr() {
     assert!(!is_mounted(&r.join("/var/lib/lxc/904/rootfs")));
 }
 
+/// `devN` passthrough in a privileged and an unprivileged container: a loop device over a
+/// file with known content appears at its path with the configured mode and owners (mapped
+/// to the host for the unprivileged one) and reads the file's bytes; `/dev/full` with
+/// `deny-write=1` reads but refuses writes. A missing device refuses the start before
+/// anything is mounted.
+#[test]
+#[ignore = "needs root: real LXC containers, loop devices, user namespaces"]
+fn passthrough_devices_with_mode_owners_and_deny_write() {
+    let _s = session();
+    let _ids = SubIds::ensure();
+    let r = TestRoot::new();
+    std::fs::set_permissions(r.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _g = CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmids: vec![906, 907],
+    };
+    let backing = r.join("/dev-backing.img");
+    let mut data = b"vzkit-dev\n".to_vec();
+    data.resize(1 << 20, 0);
+    std::fs::write(&backing, &data).unwrap();
+    let dev = must(&format!("losetup -f --show '{}'", backing.display()))
+        .trim()
+        .to_string();
+    let detach = scopeguard_losetup(&dev);
+    for (vmid, uid) in [(906, 0), (907, 100_000)] {
+        add_ct(
+            &r,
+            vmid,
+            &format!(
+                "arch: amd64\nhostname: ct{vmid}\nmemory: 64\nostype: alpine\n{}\
+                 dev0: {dev},mode=0640,uid=33,gid=34\ndev1: /dev/full,deny-write=1\n",
+                if uid == 0 { "" } else { "unprivileged: 1\n" }
+            ),
+            uid,
+        );
+        let s = storages(&r);
+        let lxc = Lxc::new(&s);
+        rt().block_on(async {
+            lxc.start(vmid, false, &mut warn).await.unwrap();
+            assert_eq!(
+                exec(&lxc, vmid, &format!("stat -c '%A %u %g' {dev}")).await,
+                "brw-r----- 33 34\n"
+            );
+            assert_eq!(
+                exec(&lxc, vmid, &format!("head -c 10 {dev}")).await,
+                "vzkit-dev\n"
+            );
+            assert_eq!(
+                exec(&lxc, vmid, "head -c 4 /dev/full | wc -c").await.trim(),
+                "4"
+            );
+            let w = lxc
+                .exec(
+                    vmid,
+                    &["/bin/sh".into(), "-c".into(), "echo x > /dev/full".into()],
+                )
+                .await
+                .unwrap();
+            assert!(!w.success());
+            assert!(
+                w.stderr_str().contains("Operation not permitted"),
+                "{}",
+                w.stderr_str()
+            );
+            lxc.stop(vmid, &mut warn).await.unwrap();
+        });
+        let node = r.join(&format!("/var/lib/lxc/{vmid}/passthrough{dev}"));
+        let md = std::fs::metadata(&node).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (uid + 33, uid + 34, 0o640)
+        );
+    }
+    // A device that does not exist: refused before anything is mounted.
+    r.ok(
+        "pct",
+        &["set", "906", "--dev2", "/dev/vzkit-no-such-device"],
+    );
+    let s = storages(&r);
+    let err = rt()
+        .block_on(Lxc::new(&s).start(906, false, &mut warn))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("device '/dev/vzkit-no-such-device' - "),
+        "{err}"
+    );
+    assert!(!is_mounted(&r.join("/var/lib/lxc/906/rootfs")));
+    drop(detach);
+}
+
+/// Detaches the loop device `dev` when dropped.
+fn scopeguard_losetup(dev: &str) -> impl Drop + use<> {
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = sh(&format!("losetup -d {}", self.0));
+        }
+    }
+    Detach(dev.to_string())
+}
+
 /// Whether this kernel can police ingress traffic with the `basic` classifier (PVE's rate
 /// limit); probed on a scratch veth pair.
 fn kernel_can_police() -> bool {

@@ -33,6 +33,8 @@ pub struct HostFacts {
     pub bridges: BTreeMap<String, u32>,
     /// The text of `common.seccomp`, used to build the per-container seccomp rules.
     pub common_seccomp: String,
+    /// The host devices `devN` entries name, by path ([`super::devices::probe_all`]).
+    pub devices: BTreeMap<String, super::devices::DevNode>,
 }
 
 /// A generated configuration.
@@ -253,11 +255,30 @@ pub fn generate(vmid: u32, conf: &CtConfig, host: &HostFacts) -> Result<LxcConfi
     if unprivileged && !features.force_rw_sys {
         line("lxc.mount.auto", "sys:mixed");
     }
-    if let Some((key, _)) = main.devs()?.first() {
-        // PVE creates passthrough device nodes in its autodev hook; vzkit has no such hook.
-        return Err(RuntimeError::Invalid(format!(
-            "{key}: device passthrough is not supported by vzkit"
-        )));
+    for (key, dev) in main.devs()? {
+        let path = dev.path.ok_or_else(|| {
+            RuntimeError::Invalid(format!("Path is not defined for passthrough device {key}"))
+        })?;
+        let node = host.devices.get(&path).ok_or_else(|| {
+            RuntimeError::Invalid(format!("{key}: device '{path}' not found on the host"))
+        })?;
+        let id = format!("{} {}:{}", node.type_char(), node.major, node.minor);
+        if dev.deny_write == Some(true) {
+            // The default allow list of LXC's common.conf may already grant writes (e.g.
+            // `/dev/full`): take them away explicitly.
+            line("lxc.cgroup.devices.allow", &format!("{id} r"));
+            line("lxc.cgroup.devices.deny", &format!("{id} w"));
+        } else {
+            line("lxc.cgroup.devices.allow", &format!("{id} rw"));
+        }
+        line(
+            "lxc.mount.entry",
+            &format!(
+                "{} {} none bind,create=file 0 0",
+                super::devices::node_path(&host.ct_dir, &path).display(),
+                path.trim_start_matches('/')
+            ),
+        );
     }
     line("lxc.monitor.unshare", "1");
     if main.unprivileged() && !custom_idmap {
@@ -404,6 +425,7 @@ pub fn host_facts(ct_dir: &Path) -> Result<HostFacts> {
     let common_seccomp = std::fs::read_to_string(Path::new(LXC_CONFIG_PATH).join("common.seccomp"))
         .unwrap_or_default();
     Ok(HostFacts {
+        devices: BTreeMap::new(),
         ct_dir: ct_dir.to_path_buf(),
         includes,
         host_cpus,
@@ -423,6 +445,14 @@ mod tests {
             host_cpus: vec![0, 1, 2, 3],
             bridges: BTreeMap::from([("vmbr0".to_string(), 1500)]),
             common_seccomp: "2\ndenylist\n[all]\nkexec_load errno 1\n".into(),
+            devices: BTreeMap::from([(
+                "/dev/ttyUSB0".to_string(),
+                super::super::devices::DevNode {
+                    block: false,
+                    major: 188,
+                    minor: 0,
+                },
+            )]),
         }
     }
 
@@ -495,6 +525,29 @@ mod tests {
         assert_eq!(
             out.seccomp_rules.as_deref(),
             Some("2\ndenylist\n[all]\nkexec_load errno 1\nkeyctl errno 38\n")
+        );
+    }
+
+    #[test]
+    fn passthrough_devices_are_allowed_and_bind_mounted() {
+        let c = conf(
+            "arch: amd64\nrootfs: local:100/vm-100-disk-0.raw\n\
+             dev0: /dev/ttyUSB0,mode=0640,uid=33\ndev1: /dev/ttyUSB0,deny-write=1\n",
+        );
+        let t = generate(100, &c, &facts()).unwrap().text;
+        assert!(
+            t.contains(
+                "lxc.cgroup.devices.allow = c 188:0 rw\n\
+                 lxc.mount.entry = /r/var/lib/lxc/100/passthrough/dev/ttyUSB0 dev/ttyUSB0 none bind,create=file 0 0\n\
+                 lxc.cgroup.devices.allow = c 188:0 r\n\
+                 lxc.cgroup.devices.deny = c 188:0 w\n"
+            ),
+            "{t}"
+        );
+        let missing = conf("arch: amd64\nrootfs: local:100/vm-100-disk-0.raw\ndev0: /dev/sdz\n");
+        assert_eq!(
+            generate(100, &missing, &facts()).unwrap_err().to_string(),
+            "dev0: device '/dev/sdz' not found on the host"
         );
     }
 

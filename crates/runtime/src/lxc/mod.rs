@@ -15,6 +15,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod devices;
 pub mod rate;
 
 use std::collections::BTreeMap;
@@ -318,7 +319,8 @@ impl<'a> Lxc<'a> {
         }
         let ct_dir = self.ct_dir(vmid);
         // Generate first: a bad config must fail before anything is (un)mounted.
-        let facts = config::host_facts(&ct_dir)?;
+        let mut facts = config::host_facts(&ct_dir)?;
+        facts.devices = devices::probe_all(&conf)?;
         let lxc_conf = config::generate(vmid, &conf, &facts)?;
         if was_mounted {
             // `pct mount` state: start from a clean mount and drop the lock.
@@ -368,6 +370,7 @@ impl<'a> Lxc<'a> {
         if let Some(rules) = &lxc_conf.seccomp_rules {
             write("rules.seccomp", rules)?;
         }
+        devices::make_nodes(&ct_dir, conf, &devices::probe_all(conf)?)?;
         write("config", &lxc_conf.text)?;
         exec_hookscript(self.storages, conf, vmid, Phase::PreStart, warn).await?;
         let log = ct_dir.join("lxc.log");
