@@ -178,22 +178,7 @@ fn debian_systemd_guest_create_start_backup_restore() {
     assert_eq!(r.ok("pct", &["status", "970"]), "status: stopped\n");
 
     // Restore the archive as a new container and boot it.
-    let archive = std::fs::read_dir(&dump)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with(".tar.zst"))
-        .expect("an archive");
-    r.ok(
-        "pct",
-        &[
-            "restore",
-            "971",
-            archive.to_str().unwrap(),
-            "--rootfs",
-            "local:1",
-        ],
-    );
-    let restored = r.read("/etc/pve/lxc/971.conf");
+    let restored = r.restore_onto(971, &vzkit_tests::the_archive(&dump), "local:1", None);
     assert!(restored.contains("unprivileged: 1\n"), "{restored}");
     r.ok("pct", &["start", "971"]);
     assert_booted(&r, 971);

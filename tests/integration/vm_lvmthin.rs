@@ -488,16 +488,25 @@ fn lvmthin_plugin_api_in_vm() {
             .block_on(plugin_api_steps());
         return;
     }
+    println!(
+        "{}",
+        guest_test_output("plugin-api", "plugin-api", "plugin-api: all steps passed")
+    );
+}
+
+/// The output of a test that re-ran itself in the guest (step `step` of `group`), checked to
+/// have passed and printed `marker`.
+fn guest_test_output(group: &str, step: &str, marker: &str) -> &'static str {
     let run = guest_run();
-    run.assert_group_ok("plugin-api");
-    let out = run.ok("plugin-api");
-    // The guest really ran this test (a name filter matching nothing would also exit 0).
+    run.assert_group_ok(group);
+    let out = run.ok(step);
+    // The guest really ran the test (a name filter matching nothing would also exit 0).
     assert!(
         out.contains("test result: ok. 1 passed"),
-        "the plugin-API test did not run in the guest:\n{out}"
+        "the test of step {step} did not run in the guest:\n{out}"
     );
-    assert!(out.contains("plugin-api: all steps passed"), "{out}");
-    println!("{out}");
+    assert!(out.contains(marker), "{out}");
+    out
 }
 
 /// Snapshot mode on LVM-thin: a running busybox container (rootfs on lvmthin, a `backup=1`
@@ -516,15 +525,14 @@ fn lvmthin_snapshot_mode_backup_of_a_running_container_in_vm() {
             .block_on(snapshot_backup_steps());
         return;
     }
-    let run = guest_run();
-    run.assert_group_ok("lxc-snapshot");
-    let out = run.ok("lxc-snapshot-backup");
-    assert!(
-        out.contains("test result: ok. 1 passed"),
-        "the snapshot-mode test did not run in the guest:\n{out}"
+    println!(
+        "{}",
+        guest_test_output(
+            "lxc-snapshot",
+            "lxc-snapshot-backup",
+            "lxc-snapshot: all steps passed"
+        )
     );
-    assert!(out.contains("lxc-snapshot: all steps passed"), "{out}");
-    println!("{out}");
 }
 
 async fn snapshot_backup_steps() {
@@ -698,37 +706,14 @@ async fn snapshot_backup_steps() {
     step("snapshot-mode vzdump of the running container; no vzdump snapshot left");
     lxc.stop(400, &mut warn).await.unwrap();
 
-    let archive = std::fs::read_dir(&dump)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with(".tar.zst"))
-        .expect("an archive");
-    let a = archive.to_string_lossy();
-    r.ok(
-        "pct",
-        &[
-            "restore",
-            "401",
-            &a,
-            "--rootfs",
-            "local:0.25",
-            "--mp0",
-            "local:0.1,mp=/mnt/data",
-        ],
+    let archive = vzkit_tests::the_archive(&dump);
+    r.restore_onto(401, &archive, "local:0.25", Some("local:0.1,mp=/mnt/data"));
+    let restored = r.restore_onto(
+        402,
+        &archive,
+        "local-lvm:0.25",
+        Some("local-lvm:0.1,mp=/mnt/data"),
     );
-    r.ok(
-        "pct",
-        &[
-            "restore",
-            "402",
-            &a,
-            "--rootfs",
-            "local-lvm:0.25",
-            "--mp0",
-            "local-lvm:0.1,mp=/mnt/data",
-        ],
-    );
-    let restored = r.read("/etc/pve/lxc/402.conf");
     assert!(
         restored.contains("rootfs: local-lvm:vm-402-disk-0"),
         "{restored}"

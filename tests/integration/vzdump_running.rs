@@ -22,9 +22,9 @@ use vzkit_host::command::SystemRunner;
 use vzkit_host::paths::Layout;
 use vzkit_runtime::lxc::{Lxc, State, lxcpath};
 use vzkit_storage::manager::Storages;
-use vzkit_tests::TestRoot;
 use vzkit_tests::lxc::{CtGuard, SubIds, must, session, sh};
 use vzkit_tests::pools::BtrfsFs;
+use vzkit_tests::{TestRoot, the_archive};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -122,17 +122,6 @@ fn vzdump(r: &TestRoot, args: &[&str]) -> (bool, String) {
         o.status.success(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
-}
-
-/// The single archive in `dir`.
-fn the_archive(dir: &Path) -> PathBuf {
-    let found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".tar.zst"))
-        .collect();
-    assert_eq!(found.len(), 1, "{found:?}");
-    found.into_iter().next().unwrap()
 }
 
 /// Extracts an archive with GNU tar and returns the member names.
@@ -870,19 +859,7 @@ fn snapshot_mode_across_btrfs_and_zfs_then_advanced_restore_onto_dir() {
 
     // Advanced restore onto dir, then compare with the (stopped) source.
     let archive = the_archive(&dump);
-    r.ok(
-        "pct",
-        &[
-            "restore",
-            "959",
-            archive.to_str().unwrap(),
-            "--rootfs",
-            "local:0.25",
-            "--mp0",
-            "local:0.25,mp=/mnt/data",
-        ],
-    );
-    let restored = r.read("/etc/pve/lxc/959.conf");
+    let restored = r.restore_onto(959, &archive, "local:0.25", Some("local:0.25,mp=/mnt/data"));
     assert!(
         restored.contains("rootfs: local:959/vm-959-disk-0.raw"),
         "{restored}"
@@ -1049,31 +1026,8 @@ fn snapshot_mode_rootfs_on_zfs_failing_then_restored_onto_dir_and_back_onto_zfs(
 
     // 3. Restores: onto dir, and onto the zfs pool (rootfs) and btrfs (mount point).
     let archive = the_archive(&dump);
-    r.ok(
-        "pct",
-        &[
-            "restore",
-            "961",
-            archive.to_str().unwrap(),
-            "--rootfs",
-            "local:0.25",
-            "--mp0",
-            "local:0.25,mp=/mnt/data",
-        ],
-    );
-    r.ok(
-        "pct",
-        &[
-            "restore",
-            "962",
-            archive.to_str().unwrap(),
-            "--rootfs",
-            "zt:0",
-            "--mp0",
-            "bt:0,mp=/mnt/data",
-        ],
-    );
-    let restored = r.read("/etc/pve/lxc/962.conf");
+    r.restore_onto(961, &archive, "local:0.25", Some("local:0.25,mp=/mnt/data"));
+    let restored = r.restore_onto(962, &archive, "zt:0", Some("bt:0,mp=/mnt/data"));
     assert!(
         restored.contains("rootfs: zt:subvol-962-disk-0"),
         "{restored}"

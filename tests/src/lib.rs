@@ -147,6 +147,33 @@ impl TestRoot {
         res
     }
 
+    /// `pct restore <vmid> <archive> --rootfs <rootfs> [--mp0 <mp0>]` (advanced mode); returns
+    /// the restored container's configuration.
+    ///
+    /// # Panics
+    /// When the restore fails.
+    pub fn restore_onto(
+        &self,
+        vmid: u32,
+        archive: &Path,
+        rootfs: &str,
+        mp0: Option<&str>,
+    ) -> String {
+        let id = vmid.to_string();
+        let mut args = vec![
+            "restore",
+            &id,
+            archive.to_str().expect("UTF-8 path"),
+            "--rootfs",
+            rootfs,
+        ];
+        if let Some(mp0) = mp0 {
+            args.extend(["--mp0", mp0]);
+        }
+        self.ok("pct", &args);
+        self.read(&format!("/etc/pve/lxc/{vmid}.conf"))
+    }
+
     /// Every file below the root (relative paths, sorted), for "nothing changed" checks.
     #[must_use]
     pub fn snapshot_files(&self) -> Vec<(PathBuf, Vec<u8>)> {
@@ -203,4 +230,19 @@ impl Drop for TestRoot {
             }
         }
     }
+}
+
+/// The single `.tar.zst` archive in `dir`.
+///
+/// # Panics
+/// When there is none or more than one.
+#[must_use]
+pub fn the_archive(dir: &Path) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read the dump directory")
+        .map(|e| e.expect("read the dump directory").path())
+        .filter(|p| p.to_string_lossy().ends_with(".tar.zst"))
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.into_iter().next().expect("one archive")
 }
