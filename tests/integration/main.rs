@@ -10,6 +10,7 @@ mod dir_storage;
 mod lxc;
 mod pct_mounts;
 mod pveam;
+mod rbd;
 mod refusals;
 mod restore;
 mod snapshots;
