@@ -11,6 +11,7 @@ mod lxc;
 mod lxc_systemd;
 mod pct_mounts;
 mod pveam;
+mod rbd;
 mod refusals;
 mod restore;
 mod snapshots;

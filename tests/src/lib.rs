@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod ceph;
 pub mod debian;
 pub mod lxc;
 pub mod pools;

@@ -20,7 +20,7 @@ use crate::conf::pct_conf::is_volume_key;
 use crate::conf::{CtConfig, Lock, MountPoint};
 use crate::disks::{create_disks, destroy_disks};
 use crate::error::{Result, RuntimeError};
-use crate::mount::{RootOwner, mount_all, umount_all};
+use crate::mount::{RootOwner, deactivate_volumes, mount_all, umount_all};
 use crate::store::CtStore;
 use crate::usage::volume_users;
 
@@ -222,13 +222,20 @@ impl<'a> Containers<'a> {
             return Ok(current);
         }
         plugin.volume_resize(&volname, newsize).await?;
+        // Re-activated, so that a backend exposing the volume through a helper (rbd's
+        // userspace export) shows the new size; a no-op for the others.
+        plugin.deactivate_volume(&volname, None).await?;
+        plugin.activate_volume(&volname, None).await?;
         let runner = self.storages.runner();
-        match plugin.access(&volname, None).await? {
+        let grown = match plugin.access(&volname, None).await? {
             VolumeAccess::ImageFile(path) | VolumeAccess::BlockDevice(path) => {
-                grow_ext4(runner.as_ref(), &path).await?;
+                grow_ext4(runner.as_ref(), &path).await
             }
-            VolumeAccess::Directory(_) => {}
-        }
+            VolumeAccess::Directory(_) => Ok(()),
+        };
+        let released = plugin.deactivate_volume(&volname, None).await;
+        grown?;
+        released?;
         mp.size = Some(newsize);
         conf.set(disk, &mp.print(disk == "rootfs")?)?;
         self.store.write(vmid, &conf)?;
@@ -256,6 +263,8 @@ impl<'a> Containers<'a> {
             let runner = self.storages.runner();
             if let Err(undo) = umount_all(runner.as_ref(), &root, &device_sources(&mps)).await {
                 warn(format!("unable to unmount again: {undo}"));
+            } else {
+                deactivate_volumes(self.storages, &mps, None, warn).await;
             }
             return Err(e);
         }
@@ -273,8 +282,10 @@ impl<'a> Containers<'a> {
         let mut conf = self.store.load(vmid)?;
         let root = self.store.layout().ct_rootfs(vmid);
         let runner = self.storages.runner();
-        let devices = device_sources(&conf.mountpoints()?);
+        let mps = conf.mountpoints()?;
+        let devices = device_sources(&mps);
         umount_all(runner.as_ref(), &root, &devices).await?;
+        deactivate_volumes(self.storages, &mps, None, &mut |w| eprintln!("WARN: {w}")).await;
         match conf.get("lock") {
             Some("mounted") => {
                 conf.main.set_lock(None);

@@ -254,11 +254,39 @@ pub async fn mount_all(
                         ));
                     }
                 }
+                deactivate_volumes(storages, mps, None, warn).await;
                 return Err(RuntimeError::Failed(format!("mounting {key} failed: {e}")));
             }
         }
     }
     Ok(done)
+}
+
+/// Releases what `activate_volume` set up for the storage volumes among `mps` (at
+/// `snapshot`), after they were unmounted, as PVE's `deactivate_volumes`: backends that
+/// keep something running per active volume (rbd's userspace exports) stop it. Failures are
+/// warnings.
+pub async fn deactivate_volumes(
+    storages: &Storages,
+    mps: &[(String, MountPoint)],
+    snapshot: Option<&str>,
+    warn: &mut dyn FnMut(String),
+) {
+    for (_, mp) in mps {
+        if mp.kind() != MountPointKind::Volume {
+            continue;
+        }
+        let res = match storages.resolve(&mp.volume) {
+            Ok((plugin, volname)) => plugin
+                .deactivate_volume(&volname, snapshot)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = res {
+            warn(format!("unable to deactivate volume '{}': {e}", mp.volume));
+        }
+    }
 }
 
 /// Unmounts everything mounted at or below `root`, deepest first (`umount -d`, except for

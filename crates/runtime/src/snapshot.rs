@@ -1139,6 +1139,13 @@ async fn copy_volume(
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+    if undo.is_ok() {
+        let dst = [(
+            "target".to_string(),
+            crate::conf::mountpoint::MountPoint::new(target.to_string(), "/"),
+        )];
+        crate::mount::deactivate_volumes(storages, &dst, None, warn).await;
+    }
     if snap.is_some() && undo.is_ok() {
         // Some backends expose a snapshot through a temporary clone or device.
         let (plugin, volname) = storages.resolve(&mp.volume)?;

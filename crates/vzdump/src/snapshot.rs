@@ -22,11 +22,19 @@
 //!   (errors are warnings with `force`), then `parent` references re-pointed, the section and
 //!   the lock removed.
 //!
+//! * Volumes whose backend asks for it (`volume_snapshot_needs_fsfreeze`: rbd) of a running
+//!   container have their filesystems frozen with `fsfreeze -f /proc/<pid>/root/<mp>` after
+//!   the container is frozen and synced, and thawed after the snapshots, also on failure
+//!   (failures there are warnings, as in PVE's `__snapshot_freeze`).
+//!
 //! Volume operations go through [`VolumeSnapshots`], implemented for [`Storages`] by the
 //! storage plugins; unit tests use a recording implementation.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Mutex;
+
+use vzkit_host::command::{Cmd, Runner};
 
 use vzkit_runtime::conf::{ConfigSection, CtConfig, Lock, MountPoint, SnapState};
 use vzkit_runtime::store::CtStore;
@@ -67,6 +75,11 @@ pub trait VolumeSnapshots: Send + Sync {
     /// # Errors
     /// Backend errors.
     async fn delete_snapshot(&self, volid: &str, snap: &str) -> Result<()>;
+    /// Whether the volume's filesystem must be frozen (FIFREEZE) while a running
+    /// container's snapshot is taken (PVE's `volume_snapshot_needs_fsfreeze`: rbd).
+    async fn needs_fsfreeze(&self, _volid: &str) -> bool {
+        false
+    }
 }
 
 #[async_trait::async_trait]
@@ -87,6 +100,34 @@ impl VolumeSnapshots for Storages {
         plugin.activate_storage().await?;
         Ok(plugin.volume_snapshot_delete(&volname, snap).await?)
     }
+
+    async fn needs_fsfreeze(&self, volid: &str) -> bool {
+        self.resolve(volid)
+            .is_ok_and(|(plugin, _)| plugin.volume_snapshot_needs_fsfreeze())
+    }
+}
+
+/// Freezes (`fsfreeze -f`) or thaws (`fsfreeze -u`) the filesystems mounted at `paths`
+/// inside the container whose init is `pid` (PVE's `freeze_mountpoint`, through
+/// `/proc/<pid>/root`). Failures are warnings; returns the paths that were frozen.
+async fn fsfreeze(pid: u32, paths: &[String], freeze: bool, log: &TaskLog) -> Vec<String> {
+    let runner = vzkit_host::command::SystemRunner;
+    let mut done = Vec::new();
+    for mp in paths {
+        let path = PathBuf::from(format!("/proc/{pid}/root")).join(mp.trim_start_matches('/'));
+        let cmd = Cmd::new("fsfreeze")
+            .arg(if freeze { "-f" } else { "-u" })
+            .arg(&path)
+            .timeout(std::time::Duration::from_secs(60));
+        match runner.run(&cmd).await {
+            Ok(_) => done.push(mp.clone()),
+            Err(e) => log.warn(format!(
+                "unable to {} filesystem at '{mp}' - {e}",
+                if freeze { "freeze" } else { "thaw" }
+            )),
+        }
+    }
+    done
 }
 
 /// The mode-failure check of `prepare`: every archived volume can be snapshotted.
@@ -115,13 +156,21 @@ fn copied(key: &str) -> bool {
 
 /// The volumes of a snapshot section vzdump snapshots: rootfs and backup-enabled volumes.
 fn snapshot_volids(section: &ConfigSection) -> Result<Vec<String>> {
+    Ok(snapshot_mounts(section)?
+        .into_iter()
+        .map(|(v, _)| v)
+        .collect())
+}
+
+/// As [`snapshot_volids`], with each volume's mount path in the container.
+fn snapshot_mounts(section: &ConfigSection) -> Result<Vec<(String, String)>> {
     Ok(section
         .mountpoints()?
         .into_iter()
         .filter(|(k, mp): &(String, MountPoint)| {
             mp.backup_enabled(k) && mp.kind() == vzkit_runtime::conf::MountPointKind::Volume
         })
-        .map(|(_, mp)| mp.volume)
+        .map(|(_, mp)| (mp.volume, mp.mp))
         .collect())
 }
 
@@ -188,14 +237,23 @@ pub async fn snapshot_create(
         };
         snap.set_snapstate(Some(SnapState::Prepare));
         snap.options.insert("snaptime".into(), now.to_string());
-        let volids = snapshot_volids(&snap).map_err(failed)?;
+        let mounts = snapshot_mounts(&snap).map_err(failed)?;
         conf.snapshots.insert(VZDUMP_SNAP.to_string(), snap);
-        Ok(volids)
+        Ok(mounts)
     })?;
+    let mut freeze_paths = Vec::new();
+    for (v, mp) in &volids {
+        if vols.needs_fsfreeze(v).await {
+            freeze_paths.push(mp.clone());
+        }
+    }
+    let volids: Vec<String> = volids.into_iter().map(|(v, _)| v).collect();
 
     let mut made = Vec::new();
     let mut res = Ok(());
     let mut frozen = false;
+    let mut fs_frozen = Vec::new();
+    let mut fs_pid = None;
     if let Some(g) = freeze {
         match g.freeze(vmid).await {
             Ok(()) => frozen = true,
@@ -206,6 +264,17 @@ pub async fn snapshot_create(
         // cache, where a storage snapshot of the image would not see it).
         if frozen && let Err(e) = tokio::task::spawn_blocking(rustix::fs::sync).await {
             res = Err(Error::msg(format!("unable to sync CT {vmid} - {e}")));
+        }
+        // PVE's `__snapshot_freeze`: the filesystems of volumes whose storage snapshot
+        // does not see the page cache (rbd) are frozen in the container's namespace too.
+        if frozen && res.is_ok() && !freeze_paths.is_empty() {
+            match g.root_pid(vmid).await {
+                Ok(pid) => {
+                    fs_frozen = fsfreeze(pid, &freeze_paths, true, log).await;
+                    fs_pid = Some(pid);
+                }
+                Err(e) => log.warn(format!("unable to freeze filesystems - {e}")),
+            }
         }
     }
     if res.is_ok() {
@@ -222,6 +291,10 @@ pub async fn snapshot_create(
         && let Err(e) = g.thaw(vmid).await
     {
         res = res.and(Err(e));
+    }
+    if let Some(pid) = fs_pid {
+        // Thawed also after a failure; a thaw that fails is only a warning, as in PVE.
+        fsfreeze(pid, &fs_frozen, false, log).await;
     }
     if let Err(e) = res {
         log.warn("snapshot create failed: starting cleanup");

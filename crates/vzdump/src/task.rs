@@ -27,9 +27,9 @@ use jiff::Timestamp;
 use vzkit_archive::{IdKind as ArchiveIdKind, IdMap as ArchiveIdMap, IdMapEntry as ArchiveIdEntry};
 use vzkit_host::command::{Cmd, Runner};
 use vzkit_host::paths::Layout;
-use vzkit_runtime::conf::{CtConfig, IdKind, Lock};
+use vzkit_runtime::conf::{CtConfig, IdKind, Lock, MountPoint};
 use vzkit_runtime::ct::root_owner;
-use vzkit_runtime::mount::RootOwner;
+use vzkit_runtime::mount::{RootOwner, deactivate_volumes};
 use vzkit_runtime::store::CtStore;
 use vzkit_storage::manager::Storages;
 use vzkit_storage::plugin::VolumeAttribute;
@@ -907,6 +907,17 @@ async fn cleanup(ctx: &JobContext, t: &mut Task) {
         if let Some(j) = t.journal.as_ref() {
             let (mounts, dirs) = (j.state.mounts.clone(), j.state.mount_dirs.clone());
             umount_targets(ctx.runner().as_ref(), &mounts, &dirs, log).await;
+            if t.mode == Mode::Stop && !mounts.is_empty() {
+                // Stop mode mounted the live volumes: release them (rbd exports) again.
+                let mps: Vec<(String, MountPoint)> = t
+                    .plan
+                    .disks
+                    .iter()
+                    .map(|d| (d.key.clone(), d.mp.clone()))
+                    .collect();
+                let mut warn = |m: String| log.warn(m);
+                deactivate_volumes(&ctx.storages, &mps, None, &mut warn).await;
+            }
             let root = roots(&ctx.layout);
             for d in [&root.side] {
                 if let Err(e) = std::fs::remove_dir(d)

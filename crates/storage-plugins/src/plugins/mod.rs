@@ -6,21 +6,25 @@
 //! | `zfspool` | [`zfspool`] | argument vectors; a real zfs-fuse pool (datasets only: zfs-fuse has no zvols) |
 //! | `btrfs` | [`btrfs`] | argument vectors; a real loop-mounted btrfs with and without quotas |
 //! | `lvmthin` | [`lvmthin`] | argument vectors and captured `lvs`/`vgs` output in unit tests; real LVM-thin in the kernel VM tier (`tests/integration/vm_lvmthin.rs`) |
+//! | `rbd` | [`rbd`] | argument vectors and captured `rbd` JSON in unit tests; a real single-node Ceph cluster on 127.0.0.1, images reached through kernel `rbd map` where the kernel has RBD, else a `qemu-storage-daemon` FUSE export plus a loop device (`tests/integration/rbd.rs`) |
 
 pub mod btrfs;
 pub mod dir;
 pub mod lvmthin;
+pub mod rbd;
 pub mod zfspool;
 
 use std::sync::Arc;
 
 use vzkit_host::command::Runner;
+use vzkit_host::paths::Layout;
 
 use crate::config::StorageSection;
 use crate::error::{Result, StorageError};
 use crate::plugin::StoragePlugin;
 
-/// The backend for a `storage.cfg` section.
+/// The backend for a `storage.cfg` section; `layout` places the state a backend keeps
+/// below the vzkit root (the `rbd` exports' pid files).
 ///
 /// # Errors
 /// An error naming the type when vzkit has no backend for it, or when the section is
@@ -28,6 +32,7 @@ use crate::plugin::StoragePlugin;
 pub fn plugin_for(
     section: &StorageSection,
     runner: Arc<dyn Runner>,
+    layout: &Layout,
 ) -> Result<Arc<dyn StoragePlugin>> {
     match section.storage_type() {
         "dir" => Ok(Arc::new(dir::DirPlugin::new(section.clone(), runner)?)),
@@ -39,6 +44,11 @@ pub fn plugin_for(
         "zfspool" => Ok(Arc::new(zfspool::ZfsPoolPlugin::new(
             section.clone(),
             runner,
+        )?)),
+        "rbd" => Ok(Arc::new(rbd::RbdPlugin::new(
+            section.clone(),
+            runner,
+            layout.clone(),
         )?)),
         other => Err(StorageError::Unsupported(format!(
             "storage '{}': storage type '{other}' is not supported by this vzkit build",
@@ -60,24 +70,27 @@ mod tests {
              zfspool: z1\n\tpool tank/data\n\n\
              btrfs: b1\n\tpath /srv/b1\n\n\
              lvmthin: l1\n\tvgname pve\n\tthinpool data\n\n\
-             rbd: r1\n\tpool rbd\n",
+             rbd: r1\n\tpool rbd\n\n\
+             iscsi: i1\n\tportal 127.0.0.1\n\ttarget iqn.2003-01.org.example:t1\n",
             "storage.cfg",
         );
         assert!(warnings.is_empty(), "{warnings:?}");
         let runner: Arc<dyn Runner> = Arc::new(RecordingRunner::new());
+        let layout = Layout::new("/nonexistent-vzkit-root");
         for (id, ty) in [
             ("d1", "dir"),
             ("z1", "zfspool"),
             ("b1", "btrfs"),
             ("l1", "lvmthin"),
+            ("r1", "rbd"),
         ] {
-            let p = plugin_for(cfg.get(id).unwrap(), Arc::clone(&runner)).unwrap();
+            let p = plugin_for(cfg.get(id).unwrap(), Arc::clone(&runner), &layout).unwrap();
             assert_eq!((p.id(), p.storage_type()), (id, ty));
         }
-        let err = plugin_for(cfg.get("r1").unwrap(), runner).unwrap_err();
+        let err = plugin_for(cfg.get("i1").unwrap(), runner, &layout).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "storage 'r1': storage type 'rbd' is not supported by this vzkit build"
+            "storage 'i1': storage type 'iscsi' is not supported by this vzkit build"
         );
     }
 }
