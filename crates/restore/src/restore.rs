@@ -32,7 +32,7 @@ use vzkit_runtime::conf::mountpoint::{MountPoint, MountPointKind};
 use vzkit_runtime::conf::{CtConfig, DEFAULT_MAC_PREFIX, Lock, random_ether_addr};
 use vzkit_runtime::ct::root_owner;
 use vzkit_runtime::disks::{alloc_disk, destroy_disks};
-use vzkit_runtime::mount::{RootOwner, mount_all, umount_all};
+use vzkit_runtime::mount::{RootOwner, deactivate_volumes, mount_all, umount_all};
 use vzkit_runtime::setup::Dns;
 use vzkit_runtime::setup::create::{CreateParams, post_create};
 use vzkit_runtime::setup::files::GuestRoot;
@@ -502,6 +502,7 @@ async fn work_inner(
         .collect();
     umount_all(runner.as_ref(), &root, &devices).await?;
     created.mounted = false;
+    deactivate_volumes(storages, &mounts, &mut |m| log(Level::Warn, m)).await;
     // Finish the config.
     apply_defaults(&mut conf.main, vmid);
     for (k, v) in &plan.delayed {
@@ -902,6 +903,13 @@ async fn cleanup(
         }
     }
     let mut warn = |m: String| log(Level::Warn, m);
+    for volid in &created.volumes {
+        if let Ok((plugin, volname)) = storages.resolve(volid)
+            && let Err(e) = plugin.deactivate_volume(&volname, None).await
+        {
+            warn(format!("unable to deactivate '{volid}': {e}"));
+        }
+    }
     destroy_disks(storages, &created.volumes, &mut warn).await;
     if let Some(old_fw) = created.old_fw {
         let target = store.layout().ct_firewall(vmid);

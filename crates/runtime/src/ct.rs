@@ -12,7 +12,7 @@ use vzkit_host::command::{Cmd, Runner};
 use vzkit_host::mount as hmount;
 use vzkit_host::size::{format_size, parse_size};
 use vzkit_storage::manager::Storages;
-use vzkit_storage::plugin::VolumeAccess;
+use vzkit_storage::plugin::{StoragePlugin, VolumeAccess};
 
 use crate::conf::idmap::IdKind;
 use crate::conf::mountpoint::{MountPointKind, parse_new_disk, parse_volume};
@@ -20,7 +20,7 @@ use crate::conf::pct_conf::is_volume_key;
 use crate::conf::{CtConfig, Lock, MountPoint};
 use crate::disks::{create_disks, destroy_disks};
 use crate::error::{Result, RuntimeError};
-use crate::mount::{RootOwner, mount_all, umount_all};
+use crate::mount::{RootOwner, deactivate_volumes, mount_all, umount_all};
 use crate::store::CtStore;
 use crate::usage::volume_users;
 
@@ -212,27 +212,52 @@ impl<'a> Containers<'a> {
         let (plugin, volname) = self.storages.resolve(&mp.volume)?;
         plugin.activate_storage().await?;
         plugin.activate_volume(&volname, None).await?;
-        let current = plugin.volume_size_info(&volname).await?;
+        let res = self
+            .resize_active(plugin.as_ref(), &volname, grow, bytes)
+            .await;
+        // Backends that run something per active volume keep it while the volume is in use
+        // (a mounted container) and stop it otherwise.
+        if let Err(e) = plugin.deactivate_volume(&volname, None).await
+            && res.is_ok()
+        {
+            return Err(e.into());
+        }
+        let (newsize, changed) = res?;
+        if !changed {
+            return Ok(newsize);
+        }
+        mp.size = Some(newsize);
+        conf.set(disk, &mp.print(disk == "rootfs")?)?;
+        self.store.write(vmid, &conf)?;
+        Ok(newsize)
+    }
+
+    /// Grows an activated volume (and its ext4); returns the size and whether it changed.
+    async fn resize_active(
+        &self,
+        plugin: &dyn StoragePlugin,
+        volname: &str,
+        grow: bool,
+        bytes: u64,
+    ) -> Result<(u64, bool)> {
+        let current = plugin.volume_size_info(volname).await?;
         let mut newsize = if grow { current + bytes } else { bytes };
         newsize = newsize.div_ceil(1024) * 1024;
         if newsize < current {
             return Err(RuntimeError::Invalid("unable to shrink disk size".into()));
         }
         if newsize == current {
-            return Ok(current);
+            return Ok((current, false));
         }
-        plugin.volume_resize(&volname, newsize).await?;
+        plugin.volume_resize(volname, newsize).await?;
         let runner = self.storages.runner();
-        match plugin.access(&volname, None).await? {
+        match plugin.access(volname, None).await? {
             VolumeAccess::ImageFile(path) | VolumeAccess::BlockDevice(path) => {
                 grow_ext4(runner.as_ref(), &path).await?;
             }
             VolumeAccess::Directory(_) => {}
         }
-        mp.size = Some(newsize);
-        conf.set(disk, &mp.print(disk == "rootfs")?)?;
-        self.store.write(vmid, &conf)?;
-        Ok(newsize)
+        Ok((newsize, true))
     }
 
     /// `pct mount`: mounts rootfs and mount points below `/var/lib/lxc/<vmid>/rootfs` and
@@ -256,6 +281,8 @@ impl<'a> Containers<'a> {
             let runner = self.storages.runner();
             if let Err(undo) = umount_all(runner.as_ref(), &root, &device_sources(&mps)).await {
                 warn(format!("unable to unmount again: {undo}"));
+            } else {
+                deactivate_volumes(self.storages, &mps, warn).await;
             }
             return Err(e);
         }
@@ -273,8 +300,14 @@ impl<'a> Containers<'a> {
         let mut conf = self.store.load(vmid)?;
         let root = self.store.layout().ct_rootfs(vmid);
         let runner = self.storages.runner();
-        let devices = device_sources(&conf.mountpoints()?);
+        let mps = conf.mountpoints()?;
+        let devices = device_sources(&mps);
         umount_all(runner.as_ref(), &root, &devices).await?;
+        let mut warnings = Vec::new();
+        deactivate_volumes(self.storages, &mps, &mut |m| warnings.push(m)).await;
+        if !warnings.is_empty() {
+            return Err(RuntimeError::Failed(warnings.join("; ")));
+        }
         match conf.get("lock") {
             Some("mounted") => {
                 conf.main.set_lock(None);

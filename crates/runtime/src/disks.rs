@@ -70,7 +70,11 @@ async fn prepare_disk(storages: &Storages, volid: &str, owner: RootOwner) -> Res
                 .map_err(|e| RuntimeError::io("chown", &dir, e))?;
         }
         VolumeAccess::ImageFile(path) | VolumeAccess::BlockDevice(path) => {
-            vzkit_host::mount::mkfs_ext4(runner.as_ref(), &path, owner.uid, owner.gid).await?;
+            let res =
+                vzkit_host::mount::mkfs_ext4(runner.as_ref(), &path, owner.uid, owner.gid).await;
+            // Backends that run something per active volume (iSCSI exports) stop it again.
+            plugin.deactivate_volume(&volname, None).await?;
+            res?;
         }
     }
     Ok(())

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use vzkit_host::command::Runner;
 use vzkit_host::mount::{self as hmount, MountSpec};
 use vzkit_storage::manager::Storages;
-use vzkit_storage::plugin::VolumeAccess;
+use vzkit_storage::plugin::{StoragePlugin, VolumeAccess};
 
 use crate::conf::mountpoint::{MountPoint, MountPointKind};
 use crate::error::{Result, RuntimeError};
@@ -163,7 +163,7 @@ pub async fn mount_one(
         }
         MountPointKind::Volume => {
             let (plugin, volname) = storages.resolve(&mp.volume)?;
-            if !plugin.content().iter().any(|c| c.as_str() == "rootdir") {
+            if !plugin.container_mountable() {
                 return Err(RuntimeError::Invalid(format!(
                     "storage '{}' does not support containers",
                     plugin.id()
@@ -171,47 +171,103 @@ pub async fn mount_one(
             }
             plugin.activate_storage().await?;
             plugin.activate_volume(&volname, snapshot).await?;
-            match plugin.access(&volname, snapshot).await? {
-                VolumeAccess::Directory(src) => {
-                    // zfs keeps ACL support as a dataset property (`acltype`).
-                    if let Some(acl) = mp.acl {
-                        plugin.set_volume_acl(&volname, snapshot, acl).await?;
-                    }
-                    if quota {
-                        warn("cannot enable quota control for bind mounted subvolumes".into());
-                    }
-                    spec.bind = true;
-                    hmount::mount(runner, &src, &target, &spec).await?;
+            let res = mount_volume(
+                runner,
+                plugin.as_ref(),
+                &volname,
+                snapshot,
+                mp,
+                spec,
+                quota,
+                &target,
+                warn,
+            )
+            .await;
+            if let Err(e) = res {
+                if let Err(undo) = plugin.deactivate_volume(&volname, snapshot).await {
+                    warn(format!("unable to deactivate '{}': {undo}", mp.volume));
                 }
-                VolumeAccess::ImageFile(file) => {
-                    let parsed = plugin.parse_volname(&volname)?;
-                    if parsed.is_base || is_snap {
-                        spec.options.insert(0, "noload".into());
-                        spec.read_only = true;
-                    } else if quota {
-                        spec.extra_options.push(QUOTA_OPTIONS.into());
-                    }
-                    let dev = hmount::loop_attach(runner, &file, spec.read_only).await?;
-                    if let Err(e) = hmount::mount(runner, &dev, &target, &spec).await {
-                        if let Err(undo) = hmount::loop_detach(runner, &dev).await {
-                            warn(format!("unable to detach '{}': {undo}", dev.display()));
-                        }
-                        return Err(e.into());
-                    }
-                }
-                VolumeAccess::BlockDevice(dev) => {
-                    if quota && !is_snap {
-                        spec.extra_options.push(QUOTA_OPTIONS.into());
-                    }
-                    if is_snap {
-                        spec.options.insert(0, "noload".into());
-                    }
-                    hmount::mount(runner, &dev, &target, &spec).await?;
-                }
+                return Err(e);
             }
         }
     }
     Ok(target)
+}
+
+/// Mounts an activated storage volume on `target`, by how the backend exposes it.
+#[allow(clippy::too_many_arguments)]
+async fn mount_volume(
+    runner: &dyn Runner,
+    plugin: &dyn StoragePlugin,
+    volname: &str,
+    snapshot: Option<&str>,
+    mp: &MountPoint,
+    mut spec: MountSpec,
+    quota: bool,
+    target: &Path,
+    warn: &mut dyn FnMut(String),
+) -> Result<()> {
+    let is_snap = snapshot.is_some();
+    match plugin.access(volname, snapshot).await? {
+        VolumeAccess::Directory(src) => {
+            // zfs keeps ACL support as a dataset property (`acltype`).
+            if let Some(acl) = mp.acl {
+                plugin.set_volume_acl(volname, snapshot, acl).await?;
+            }
+            if quota {
+                warn("cannot enable quota control for bind mounted subvolumes".into());
+            }
+            spec.bind = true;
+            hmount::mount(runner, &src, target, &spec).await?;
+        }
+        VolumeAccess::ImageFile(file) => {
+            let parsed = plugin.parse_volname(volname)?;
+            if parsed.is_base || is_snap {
+                spec.options.insert(0, "noload".into());
+                spec.read_only = true;
+            } else if quota {
+                spec.extra_options.push(QUOTA_OPTIONS.into());
+            }
+            let dev = hmount::loop_attach(runner, &file, spec.read_only).await?;
+            if let Err(e) = hmount::mount(runner, &dev, target, &spec).await {
+                if let Err(undo) = hmount::loop_detach(runner, &dev).await {
+                    warn(format!("unable to detach '{}': {undo}", dev.display()));
+                }
+                return Err(e.into());
+            }
+        }
+        VolumeAccess::BlockDevice(dev) => {
+            if quota && !is_snap {
+                spec.extra_options.push(QUOTA_OPTIONS.into());
+            }
+            if is_snap {
+                spec.options.insert(0, "noload".into());
+            }
+            hmount::mount(runner, &dev, target, &spec).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Deactivates the storage volumes of `mps` after they were unmounted (PVE's
+/// `deactivate_volumes` on container stop and unmount), reporting failures through `warn`.
+/// Backends that keep something running per active volume (iSCSI exports) stop it here.
+pub async fn deactivate_volumes(
+    storages: &Storages,
+    mps: &[(String, MountPoint)],
+    warn: &mut dyn FnMut(String),
+) {
+    for (_, mp) in mps {
+        if mp.kind() != MountPointKind::Volume {
+            continue;
+        }
+        let Ok((plugin, volname)) = storages.resolve(&mp.volume) else {
+            continue;
+        };
+        if let Err(e) = plugin.deactivate_volume(&volname, None).await {
+            warn(format!("unable to deactivate '{}': {e}", mp.volume));
+        }
+    }
 }
 
 /// The mount points of a container in mount order: rootfs first, then by path.
@@ -254,6 +310,12 @@ pub async fn mount_all(
                         ));
                     }
                 }
+                let mounted: Vec<(String, MountPoint)> = mps
+                    .iter()
+                    .filter(|(k, _)| done.iter().any(|m| m.key == *k))
+                    .cloned()
+                    .collect();
+                deactivate_volumes(storages, &mounted, warn).await;
                 return Err(RuntimeError::Failed(format!("mounting {key} failed: {e}")));
             }
         }

@@ -39,6 +39,8 @@ use crate::guest::{GuestControl, GuestStatus};
 use crate::hook::{HookScript, HookTask};
 use crate::journal::Journal;
 use crate::log::{Level, TaskLog, format_size, format_time, local_time_string, tar_totals_line};
+use vzkit_runtime::mount::deactivate_volumes;
+
 use crate::mounts::{MountRoots, mount_disks, prepare_mount_root, umount_targets, used_bytes};
 use crate::notes::{NotesVars, expand_notes_template};
 use crate::options::JobOptions;
@@ -906,6 +908,13 @@ async fn cleanup(ctx: &JobContext, t: &mut Task) {
         if let Some(j) = t.journal.as_ref() {
             let (mounts, dirs) = (j.state.mounts.clone(), j.state.mount_dirs.clone());
             umount_targets(ctx.runner().as_ref(), &mounts, &dirs, log).await;
+            let mps: Vec<(String, vzkit_runtime::conf::mountpoint::MountPoint)> = t
+                .plan
+                .disks
+                .iter()
+                .map(|d| (d.key.clone(), d.mp.clone()))
+                .collect();
+            deactivate_volumes(&ctx.storages, &mps, &mut |m| log.warn(m)).await;
             let root = roots(&ctx.layout);
             for d in [&root.side] {
                 if let Err(e) = std::fs::remove_dir(d)

@@ -30,7 +30,7 @@ use crate::conf::{CtConfig, MountPoint, MountPointKind};
 use crate::ct::root_owner;
 use crate::error::{Result, RuntimeError};
 use crate::hook::{Phase, exec_hookscript};
-use crate::mount::{mount_all, umount_all};
+use crate::mount::{deactivate_volumes, mount_all, umount_all};
 use crate::setup::{self, Dns, files::GuestRoot};
 use crate::store::CtStore;
 
@@ -322,6 +322,7 @@ impl<'a> Lxc<'a> {
         if was_mounted {
             // `pct mount` state: start from a clean mount and drop the lock.
             umount_all(self.runner.as_ref(), &root, &device_sources(&mps)).await?;
+            deactivate_volumes(self.storages, &mps, warn).await;
             conf.main.set_lock(None);
             self.store.write(vmid, &conf)?;
         } else {
@@ -339,6 +340,8 @@ impl<'a> Lxc<'a> {
                 warn(format!("unable to unmount CT {vmid}: {undo}"));
             } else if let Err(undo) = self.wait_loops_released(&mps, warn).await {
                 warn(format!("CT {vmid}: {undo}"));
+            } else {
+                deactivate_volumes(self.storages, &mps, warn).await;
             }
             return Err(e);
         }
@@ -439,6 +442,7 @@ impl<'a> Lxc<'a> {
         let mps = conf.mountpoints()?;
         umount_all(self.runner.as_ref(), &root, &device_sources(&mps)).await?;
         self.wait_loops_released(&mps, warn).await?;
+        deactivate_volumes(self.storages, &mps, warn).await;
         exec_hookscript(self.storages, conf, vmid, Phase::PostStop, warn).await
     }
 
