@@ -104,7 +104,7 @@ impl Storages {
                 "storage '{storeid}' is disabled"
             )));
         }
-        plugin_for(section, Arc::clone(&self.runner))
+        plugin_for(section, Arc::clone(&self.runner), &self.layout)
     }
 
     /// The backend and volume name of a volume id.

@@ -6,21 +6,27 @@
 //! | `zfspool` | [`zfspool`] | argument vectors; a real zfs-fuse pool (datasets only: zfs-fuse has no zvols) |
 //! | `btrfs` | [`btrfs`] | argument vectors; a real loop-mounted btrfs with and without quotas |
 //! | `lvmthin` | [`lvmthin`] | argument vectors and captured `lvs`/`vgs` output in unit tests; real LVM-thin in the kernel VM tier (`tests/integration/vm_lvmthin.rs`) |
+//! | `iscsi` | [`iscsi`] | argument vectors and captured `iscsiadm`/`iscsi-ls`/`iscsi-inq`/`tgtadm` output and a sysfs tree in unit tests; a real tgt target on 127.0.0.1 through the userspace initiator (libiscsi, qemu-storage-daemon FUSE exports), managed LUNs through `tgtadm` (`tests/integration/iscsi.rs`); the kernel initiator (open-iscsi login, `/dev/sdX`) in the kernel VM tier (`tests/integration/vm_iscsi.rs`) |
+//! | `iscsidirect` | [`iscsidirect`] | argument vectors; the same real tgt target (`tests/integration/iscsi.rs`) |
 
 pub mod btrfs;
 pub mod dir;
+pub mod iscsi;
+pub mod iscsidirect;
 pub mod lvmthin;
 pub mod zfspool;
 
 use std::sync::Arc;
 
 use vzkit_host::command::Runner;
+use vzkit_host::paths::Layout;
 
 use crate::config::StorageSection;
 use crate::error::{Result, StorageError};
 use crate::plugin::StoragePlugin;
 
-/// The backend for a `storage.cfg` section.
+/// The backend for a `storage.cfg` section on the host laid out by `layout` (backends keep
+/// run-time state, such as iSCSI exports, below its run directory).
 ///
 /// # Errors
 /// An error naming the type when vzkit has no backend for it, or when the section is
@@ -28,6 +34,7 @@ use crate::plugin::StoragePlugin;
 pub fn plugin_for(
     section: &StorageSection,
     runner: Arc<dyn Runner>,
+    layout: &Layout,
 ) -> Result<Arc<dyn StoragePlugin>> {
     match section.storage_type() {
         "dir" => Ok(Arc::new(dir::DirPlugin::new(section.clone(), runner)?)),
@@ -39,6 +46,16 @@ pub fn plugin_for(
         "zfspool" => Ok(Arc::new(zfspool::ZfsPoolPlugin::new(
             section.clone(),
             runner,
+        )?)),
+        "iscsi" => Ok(Arc::new(iscsi::IscsiPlugin::new(
+            section.clone(),
+            runner,
+            layout,
+        )?)),
+        "iscsidirect" => Ok(Arc::new(iscsidirect::IscsiDirectPlugin::new(
+            section.clone(),
+            runner,
+            layout,
         )?)),
         other => Err(StorageError::Unsupported(format!(
             "storage '{}': storage type '{other}' is not supported by this vzkit build",
@@ -60,21 +77,26 @@ mod tests {
              zfspool: z1\n\tpool tank/data\n\n\
              btrfs: b1\n\tpath /srv/b1\n\n\
              lvmthin: l1\n\tvgname pve\n\tthinpool data\n\n\
+             iscsi: i1\n\tportal 127.0.0.1\n\ttarget iqn.2024-01.test:t1\n\n\
+             iscsidirect: i2\n\tportal 127.0.0.1:3261\n\ttarget iqn.2024-01.test:t1\n\n\
              rbd: r1\n\tpool rbd\n",
             "storage.cfg",
         );
         assert!(warnings.is_empty(), "{warnings:?}");
         let runner: Arc<dyn Runner> = Arc::new(RecordingRunner::new());
+        let layout = Layout::new("/tmp/vzkit-factory-test");
         for (id, ty) in [
             ("d1", "dir"),
             ("z1", "zfspool"),
             ("b1", "btrfs"),
             ("l1", "lvmthin"),
+            ("i1", "iscsi"),
+            ("i2", "iscsidirect"),
         ] {
-            let p = plugin_for(cfg.get(id).unwrap(), Arc::clone(&runner)).unwrap();
+            let p = plugin_for(cfg.get(id).unwrap(), Arc::clone(&runner), &layout).unwrap();
             assert_eq!((p.id(), p.storage_type()), (id, ty));
         }
-        let err = plugin_for(cfg.get("r1").unwrap(), runner).unwrap_err();
+        let err = plugin_for(cfg.get("r1").unwrap(), runner, &layout).unwrap_err();
         assert_eq!(
             err.to_string(),
             "storage 'r1': storage type 'rbd' is not supported by this vzkit build"
