@@ -7,12 +7,14 @@ mod btrfs;
 #[path = "../../crates/archive/tests/common/mod.rs"]
 mod common;
 mod dir_storage;
+mod iscsi;
 mod lxc;
 mod pct_mounts;
 mod pveam;
 mod refusals;
 mod restore;
 mod snapshots;
+mod vm_iscsi;
 mod vm_lvmthin;
 mod vzdump;
 mod vzdump_running;

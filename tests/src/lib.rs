@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 pub mod lxc;
 pub mod pools;
+pub mod tgt;
 pub mod vm;
 
 /// Whether the tests run as root (loop devices and mounts need it).
