@@ -7,6 +7,7 @@ mod btrfs;
 #[path = "../../crates/archive/tests/common/mod.rs"]
 mod common;
 mod dir_storage;
+mod iscsi;
 mod lxc;
 mod lxc_systemd;
 mod pct_mounts;
@@ -15,6 +16,7 @@ mod rbd;
 mod refusals;
 mod restore;
 mod snapshots;
+mod vm_iscsi;
 mod vm_lvmthin;
 mod vzdump;
 mod vzdump_running;

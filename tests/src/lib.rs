@@ -8,6 +8,7 @@ pub mod ceph;
 pub mod debian;
 pub mod lxc;
 pub mod pools;
+pub mod tgt;
 pub mod vm;
 
 /// Whether the tests run as root (loop devices and mounts need it).

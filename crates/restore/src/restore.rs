@@ -906,6 +906,13 @@ async fn cleanup(
         }
     }
     let mut warn = |m: String| log(Level::Warn, m);
+    for volid in &created.volumes {
+        if let Ok((plugin, volname)) = storages.resolve(volid)
+            && let Err(e) = plugin.deactivate_volume(&volname, None).await
+        {
+            warn(format!("unable to deactivate '{volid}': {e}"));
+        }
+    }
     destroy_disks(storages, &created.volumes, &mut warn).await;
     if let Some(old_fw) = created.old_fw {
         let target = store.layout().ct_firewall(vmid);

@@ -12,7 +12,7 @@ use vzkit_host::command::{Cmd, Runner};
 use vzkit_host::mount as hmount;
 use vzkit_host::size::{format_size, parse_size};
 use vzkit_storage::manager::Storages;
-use vzkit_storage::plugin::VolumeAccess;
+use vzkit_storage::plugin::{StoragePlugin, VolumeAccess};
 
 use crate::conf::idmap::IdKind;
 use crate::conf::mountpoint::{MountPointKind, parse_new_disk, parse_volume};
@@ -212,34 +212,56 @@ impl<'a> Containers<'a> {
         let (plugin, volname) = self.storages.resolve(&mp.volume)?;
         plugin.activate_storage().await?;
         plugin.activate_volume(&volname, None).await?;
-        let current = plugin.volume_size_info(&volname).await?;
+        let res = self
+            .resize_active(plugin.as_ref(), &volname, grow, bytes)
+            .await;
+        // Backends that run something per active volume keep it while the volume is in use
+        // (a mounted container) and stop it otherwise.
+        if let Err(e) = plugin.deactivate_volume(&volname, None).await
+            && res.is_ok()
+        {
+            return Err(e.into());
+        }
+        let (newsize, changed) = res?;
+        if !changed {
+            return Ok(newsize);
+        }
+        mp.size = Some(newsize);
+        conf.set(disk, &mp.print(disk == "rootfs")?)?;
+        self.store.write(vmid, &conf)?;
+        Ok(newsize)
+    }
+
+    /// Grows an activated volume (and its ext4); returns the size and whether it changed.
+    async fn resize_active(
+        &self,
+        plugin: &dyn StoragePlugin,
+        volname: &str,
+        grow: bool,
+        bytes: u64,
+    ) -> Result<(u64, bool)> {
+        let current = plugin.volume_size_info(volname).await?;
         let mut newsize = if grow { current + bytes } else { bytes };
         newsize = newsize.div_ceil(1024) * 1024;
         if newsize < current {
             return Err(RuntimeError::Invalid("unable to shrink disk size".into()));
         }
         if newsize == current {
-            return Ok(current);
+            return Ok((current, false));
         }
-        plugin.volume_resize(&volname, newsize).await?;
+        plugin.volume_resize(volname, newsize).await?;
         // Re-activated, so that a backend exposing the volume through a helper (rbd's
         // userspace export) shows the new size; a no-op for the others.
-        plugin.deactivate_volume(&volname, None).await?;
-        plugin.activate_volume(&volname, None).await?;
+        plugin.deactivate_volume(volname, None).await?;
+        plugin.activate_volume(volname, None).await?;
         let runner = self.storages.runner();
-        let grown = match plugin.access(&volname, None).await? {
+        match plugin.access(volname, None).await? {
             VolumeAccess::ImageFile(path) | VolumeAccess::BlockDevice(path) => {
-                grow_ext4(runner.as_ref(), &path).await
+                grow_ext4(runner.as_ref(), &path).await?;
             }
-            VolumeAccess::Directory(_) => Ok(()),
-        };
-        let released = plugin.deactivate_volume(&volname, None).await;
-        grown?;
-        released?;
-        mp.size = Some(newsize);
-        conf.set(disk, &mp.print(disk == "rootfs")?)?;
-        self.store.write(vmid, &conf)?;
-        Ok(newsize)
+            VolumeAccess::Directory(_) => {}
+        }
+        Ok((newsize, true))
     }
 
     /// `pct mount`: mounts rootfs and mount points below `/var/lib/lxc/<vmid>/rootfs` and

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use vzkit_host::command::Runner;
 use vzkit_host::mount::{self as hmount, MountSpec};
 use vzkit_storage::manager::Storages;
-use vzkit_storage::plugin::VolumeAccess;
+use vzkit_storage::plugin::{StoragePlugin, VolumeAccess};
 
 use crate::conf::mountpoint::{MountPoint, MountPointKind};
 use crate::error::{Result, RuntimeError};
@@ -163,7 +163,7 @@ pub async fn mount_one(
         }
         MountPointKind::Volume => {
             let (plugin, volname) = storages.resolve(&mp.volume)?;
-            if !plugin.content().iter().any(|c| c.as_str() == "rootdir") {
+            if !plugin.container_mountable() {
                 return Err(RuntimeError::Invalid(format!(
                     "storage '{}' does not support containers",
                     plugin.id()
@@ -171,47 +171,82 @@ pub async fn mount_one(
             }
             plugin.activate_storage().await?;
             plugin.activate_volume(&volname, snapshot).await?;
-            match plugin.access(&volname, snapshot).await? {
-                VolumeAccess::Directory(src) => {
-                    // zfs keeps ACL support as a dataset property (`acltype`).
-                    if let Some(acl) = mp.acl {
-                        plugin.set_volume_acl(&volname, snapshot, acl).await?;
-                    }
-                    if quota {
-                        warn("cannot enable quota control for bind mounted subvolumes".into());
-                    }
-                    spec.bind = true;
-                    hmount::mount(runner, &src, &target, &spec).await?;
+            let res = mount_volume(
+                runner,
+                plugin.as_ref(),
+                &volname,
+                snapshot,
+                mp,
+                spec,
+                quota,
+                &target,
+                warn,
+            )
+            .await;
+            if let Err(e) = res {
+                if let Err(undo) = plugin.deactivate_volume(&volname, snapshot).await {
+                    warn(format!("unable to deactivate '{}': {undo}", mp.volume));
                 }
-                VolumeAccess::ImageFile(file) => {
-                    let parsed = plugin.parse_volname(&volname)?;
-                    if parsed.is_base || is_snap {
-                        spec.options.insert(0, "noload".into());
-                        spec.read_only = true;
-                    } else if quota {
-                        spec.extra_options.push(QUOTA_OPTIONS.into());
-                    }
-                    let dev = hmount::loop_attach(runner, &file, spec.read_only).await?;
-                    if let Err(e) = hmount::mount(runner, &dev, &target, &spec).await {
-                        if let Err(undo) = hmount::loop_detach(runner, &dev).await {
-                            warn(format!("unable to detach '{}': {undo}", dev.display()));
-                        }
-                        return Err(e.into());
-                    }
-                }
-                VolumeAccess::BlockDevice(dev) => {
-                    if quota && !is_snap {
-                        spec.extra_options.push(QUOTA_OPTIONS.into());
-                    }
-                    if is_snap {
-                        spec.options.insert(0, "noload".into());
-                    }
-                    hmount::mount(runner, &dev, &target, &spec).await?;
-                }
+                return Err(e);
             }
         }
     }
     Ok(target)
+}
+
+/// Mounts an activated storage volume on `target`, by how the backend exposes it.
+#[allow(clippy::too_many_arguments)]
+async fn mount_volume(
+    runner: &dyn Runner,
+    plugin: &dyn StoragePlugin,
+    volname: &str,
+    snapshot: Option<&str>,
+    mp: &MountPoint,
+    mut spec: MountSpec,
+    quota: bool,
+    target: &Path,
+    warn: &mut dyn FnMut(String),
+) -> Result<()> {
+    let is_snap = snapshot.is_some();
+    match plugin.access(volname, snapshot).await? {
+        VolumeAccess::Directory(src) => {
+            // zfs keeps ACL support as a dataset property (`acltype`).
+            if let Some(acl) = mp.acl {
+                plugin.set_volume_acl(volname, snapshot, acl).await?;
+            }
+            if quota {
+                warn("cannot enable quota control for bind mounted subvolumes".into());
+            }
+            spec.bind = true;
+            hmount::mount(runner, &src, target, &spec).await?;
+        }
+        VolumeAccess::ImageFile(file) => {
+            let parsed = plugin.parse_volname(volname)?;
+            if parsed.is_base || is_snap {
+                spec.options.insert(0, "noload".into());
+                spec.read_only = true;
+            } else if quota {
+                spec.extra_options.push(QUOTA_OPTIONS.into());
+            }
+            let dev = hmount::loop_attach(runner, &file, spec.read_only).await?;
+            if let Err(e) = hmount::mount(runner, &dev, target, &spec).await {
+                if let Err(undo) = hmount::loop_detach(runner, &dev).await {
+                    warn(format!("unable to detach '{}': {undo}", dev.display()));
+                }
+                return Err(e.into());
+            }
+        }
+        VolumeAccess::BlockDevice(dev) => {
+            if quota && !is_snap {
+                spec.extra_options.push(QUOTA_OPTIONS.into());
+            }
+            if is_snap {
+                spec.options.insert(0, "noload".into());
+            }
+            hmount::mount(runner, &dev, target, &spec).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The mount points of a container in mount order: rootfs first, then by path.

@@ -189,7 +189,7 @@ fn property_kind(key: &str) -> Option<Kind> {
         "max-protected-backups" => Int(Some(-1), None),
         "port" => Int(Some(1), Some(65535)),
         "maxfiles" => Int(Some(0), None),
-        "path" | "subdir" | "export" => Path,
+        "path" | "subdir" | "export" | "lun-dir" | "tgt-pidfile" => Path,
         "content" => Content,
         "nodes" => Nodes,
         "content-dirs" => ContentDirs,
@@ -201,6 +201,8 @@ fn property_kind(key: &str) -> Option<Kind> {
         "format" => Enum(&["raw", "qcow2", "subvol", "vmdk"]),
         "preallocation" => Enum(&["off", "metadata", "falloc", "full"]),
         "iscsiprovider" => Enum(&["comstar", "istgt", "iet", "LIO"]),
+        "target-provider" => Enum(&["tgt"]),
+        "initiator" => Enum(&["auto", "kernel", "userspace"]),
         "smbversion" => Enum(&["default", "2.0", "2.1", "3", "3.0", "3.11"]),
         "is_mountpoint"
         | "pool"
@@ -406,8 +408,14 @@ static SCHEMAS: &[TypeSchema] = &[
             o("disable"),
             o("content"),
             o("bwlimit"),
+            // vzkit: initiator choice and managed (tgt-allocated) LUNs.
+            o("initiator"),
+            fixed_opt("target-provider"),
+            fixed_opt("lun-dir"),
+            o("tgt-pidfile"),
         ],
-        content_valid: &[C::Images, C::None],
+        // `rootdir` only with `target-provider` (checked by the backend).
+        content_valid: &[C::Images, C::Rootdir, C::None],
         content_default: &[C::Images],
         formats: &[],
     },
@@ -973,6 +981,25 @@ impl StorageSection {
         Ok(())
     }
 
+    /// vzkit's cross-option rules for managed iSCSI storages: `target-provider` and `lun-dir`
+    /// go together, `tgt-pidfile` and content `rootdir` need them.
+    fn inconsistent(&self) -> Option<&'static str> {
+        if self.storage_type != "iscsi" {
+            return None;
+        }
+        let managed = self.values.contains_key("target-provider");
+        if managed != self.values.contains_key("lun-dir") {
+            return Some("'target-provider' and 'lun-dir' must be set together");
+        }
+        if !managed && self.values.contains_key("tgt-pidfile") {
+            return Some("'tgt-pidfile' needs 'target-provider'");
+        }
+        if !managed && self.content.contains(&ContentType::Rootdir) {
+            return Some("content 'rootdir' needs a managed target ('target-provider')");
+        }
+        None
+    }
+
     fn missing_required(&self) -> Option<&'static str> {
         self.schema()
             .options
@@ -1164,7 +1191,8 @@ impl StorageConfig {
             if failed.is_none() {
                 failed = section
                     .missing_required()
-                    .map(|k| format!("missing value for required option '{k}'"));
+                    .map(|k| format!("missing value for required option '{k}'"))
+                    .or_else(|| section.inconsistent().map(str::to_string));
             }
             if let Some(e) = failed {
                 warnings.push(format!("{errprefix} (skip section '{id}'): {e}"));
@@ -1511,6 +1539,66 @@ garbage line\n";
         let (again, w) = parse(&cfg.print());
         assert!(w.is_empty());
         assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn managed_iscsi_options() {
+        let (cfg, w) = parse(
+            "iscsi: m1\n\tportal 127.0.0.1\n\ttarget iqn.t:1\n\tcontent images,rootdir\n\t\
+             target-provider tgt\n\tlun-dir /srv/luns\n\ttgt-pidfile /run/tgtd.pid\n\tinitiator userspace\n",
+        );
+        assert!(w.is_empty(), "{w:?}");
+        let m1 = cfg.get("m1").unwrap();
+        assert!(m1.has_content(C::Rootdir));
+        assert_eq!(m1.get("lun-dir"), Some("/srv/luns"));
+        let (again, w) = parse(&cfg.print());
+        assert!(w.is_empty());
+        assert_eq!(again, cfg);
+        for (body, warning) in [
+            (
+                "\ttarget-provider tgt\n",
+                "'target-provider' and 'lun-dir' must be set together",
+            ),
+            (
+                "\tlun-dir /srv/l\n",
+                "'target-provider' and 'lun-dir' must be set together",
+            ),
+            (
+                "\tcontent rootdir\n",
+                "content 'rootdir' needs a managed target ('target-provider')",
+            ),
+            (
+                "\ttarget-provider lio\n\tlun-dir /l\n",
+                "value 'lio' does not have a value in the enumeration 'tgt'",
+            ),
+            (
+                "\tlun-dir relative\n\ttarget-provider tgt\n",
+                "invalid format - value does not look like a valid absolute path",
+            ),
+            (
+                "\tinitiator both\n",
+                "value 'both' does not have a value in the enumeration 'auto, kernel, userspace'",
+            ),
+        ] {
+            let (cfg, w) = parse(&format!("iscsi: x1\n\tportal p\n\ttarget t\n{body}"));
+            assert!(w.iter().any(|l| l.ends_with(warning)), "{w:?} / {warning}");
+            // The section is skipped, or kept without the bad value.
+            if let Some(x) = cfg.get("x1") {
+                assert_eq!(
+                    (
+                        x.get("target-provider"),
+                        x.get("lun-dir"),
+                        x.get("initiator")
+                    ),
+                    (None, None, None),
+                    "{body}"
+                );
+            }
+        }
+        // iscsidirect has none of them.
+        let (cfg, w) = parse("iscsidirect: d1\n\tportal p\n\ttarget t\n\tlun-dir /l\n");
+        assert_eq!(cfg.get("d1").unwrap().get("lun-dir"), None);
+        assert!(w[0].ends_with("unexpected property 'lun-dir'"), "{w:?}");
     }
 
     #[test]

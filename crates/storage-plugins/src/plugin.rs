@@ -227,6 +227,13 @@ pub trait StoragePlugin: Send + Sync + std::fmt::Debug {
             .has(feature, VolumeState::of(p.is_base, snapname), &p.format))
     }
 
+    /// Whether containers may mount this storage's volumes. PVE's rule is content `rootdir`;
+    /// iSCSI storages override it: a whole existing LUN can be a container mount point
+    /// although the storage has no `rootdir` content.
+    fn container_mountable(&self) -> bool {
+        self.content().contains(&ContentType::Rootdir)
+    }
+
     /// Whether snapshots of running containers' volumes need a filesystem freeze (RBD).
     fn volume_snapshot_needs_fsfreeze(&self) -> bool {
         false

@@ -39,6 +39,7 @@ use crate::guest::{GuestControl, GuestStatus};
 use crate::hook::{HookScript, HookTask};
 use crate::journal::Journal;
 use crate::log::{Level, TaskLog, format_size, format_time, local_time_string, tar_totals_line};
+
 use crate::mounts::{MountRoots, mount_disks, prepare_mount_root, umount_targets, used_bytes};
 use crate::notes::{NotesVars, expand_notes_template};
 use crate::options::JobOptions;

@@ -7,9 +7,13 @@
 //! | `btrfs` | [`btrfs`] | argument vectors; a real loop-mounted btrfs with and without quotas |
 //! | `lvmthin` | [`lvmthin`] | argument vectors and captured `lvs`/`vgs` output in unit tests; real LVM-thin in the kernel VM tier (`tests/integration/vm_lvmthin.rs`) |
 //! | `rbd` | [`rbd`] | argument vectors and captured `rbd` JSON in unit tests; a real single-node Ceph cluster on 127.0.0.1, images reached through kernel `rbd map` where the kernel has RBD, else a `qemu-storage-daemon` FUSE export plus a loop device (`tests/integration/rbd.rs`) |
+//! | `iscsi` | [`iscsi`] | argument vectors and captured `iscsiadm`/`iscsi-ls`/`iscsi-inq`/`tgtadm` output and a sysfs tree in unit tests; a real tgt target on 127.0.0.1 through the userspace initiator (libiscsi, qemu-storage-daemon FUSE exports), managed LUNs through `tgtadm` (`tests/integration/iscsi.rs`); the kernel initiator (open-iscsi login, `/dev/sdX`) in the kernel VM tier (`tests/integration/vm_iscsi.rs`) |
+//! | `iscsidirect` | [`iscsidirect`] | argument vectors; the same real tgt target (`tests/integration/iscsi.rs`) |
 
 pub mod btrfs;
 pub mod dir;
+pub mod iscsi;
+pub mod iscsidirect;
 pub mod lvmthin;
 pub mod rbd;
 pub mod zfspool;
@@ -50,6 +54,16 @@ pub fn plugin_for(
             runner,
             layout.clone(),
         )?)),
+        "iscsi" => Ok(Arc::new(iscsi::IscsiPlugin::new(
+            section.clone(),
+            runner,
+            layout,
+        )?)),
+        "iscsidirect" => Ok(Arc::new(iscsidirect::IscsiDirectPlugin::new(
+            section.clone(),
+            runner,
+            layout,
+        )?)),
         other => Err(StorageError::Unsupported(format!(
             "storage '{}': storage type '{other}' is not supported by this vzkit build",
             section.id()
@@ -70,27 +84,31 @@ mod tests {
              zfspool: z1\n\tpool tank/data\n\n\
              btrfs: b1\n\tpath /srv/b1\n\n\
              lvmthin: l1\n\tvgname pve\n\tthinpool data\n\n\
+             iscsi: i1\n\tportal 127.0.0.1\n\ttarget iqn.2024-01.test:t1\n\n\
+             iscsidirect: i2\n\tportal 127.0.0.1:3261\n\ttarget iqn.2024-01.test:t1\n\n\
              rbd: r1\n\tpool rbd\n\n\
-             iscsi: i1\n\tportal 127.0.0.1\n\ttarget iqn.2003-01.org.example:t1\n",
+             nfs: x1\n\tserver 10.0.0.9\n\texport /srv\n\tpath /mnt/pve/x1\n",
             "storage.cfg",
         );
         assert!(warnings.is_empty(), "{warnings:?}");
         let runner: Arc<dyn Runner> = Arc::new(RecordingRunner::new());
-        let layout = Layout::new("/nonexistent-vzkit-root");
+        let layout = Layout::new("/tmp/vzkit-factory-test");
         for (id, ty) in [
             ("d1", "dir"),
             ("z1", "zfspool"),
             ("b1", "btrfs"),
             ("l1", "lvmthin"),
             ("r1", "rbd"),
+            ("i1", "iscsi"),
+            ("i2", "iscsidirect"),
         ] {
             let p = plugin_for(cfg.get(id).unwrap(), Arc::clone(&runner), &layout).unwrap();
             assert_eq!((p.id(), p.storage_type()), (id, ty));
         }
-        let err = plugin_for(cfg.get("i1").unwrap(), runner, &layout).unwrap_err();
+        let err = plugin_for(cfg.get("x1").unwrap(), runner, &layout).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "storage 'i1': storage type 'iscsi' is not supported by this vzkit build"
+            "storage 'x1': storage type 'nfs' is not supported by this vzkit build"
         );
     }
 }
