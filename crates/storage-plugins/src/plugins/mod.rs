@@ -5,9 +5,11 @@
 //! | `dir` | [`dir`] | argument vectors; real files, loop devices and mounts |
 //! | `zfspool` | [`zfspool`] | argument vectors; a real zfs-fuse pool (datasets only: zfs-fuse has no zvols) |
 //! | `btrfs` | [`btrfs`] | argument vectors; a real loop-mounted btrfs with and without quotas |
+//! | `dedup` | [`dedup`] | volume names; real stores in `tests/integration/dedup.rs` |
 //! | `lvmthin` | [`lvmthin`] | argument vectors and captured `lvs`/`vgs` output in unit tests; real LVM-thin in the kernel VM tier (`tests/integration/vm_lvmthin.rs`) |
 
 pub mod btrfs;
+pub mod dedup;
 pub mod dir;
 pub mod lvmthin;
 pub mod zfspool;
@@ -32,6 +34,7 @@ pub fn plugin_for(
     match section.storage_type() {
         "dir" => Ok(Arc::new(dir::DirPlugin::new(section.clone(), runner)?)),
         "btrfs" => Ok(Arc::new(btrfs::BtrfsPlugin::new(section.clone(), runner)?)),
+        "dedup" => Ok(Arc::new(dedup::DedupPlugin::new(section.clone())?)),
         "lvmthin" => Ok(Arc::new(lvmthin::LvmThinPlugin::new(
             section.clone(),
             runner,
