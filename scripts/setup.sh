@@ -8,6 +8,7 @@ packages=(
     qemu-utils coreutils findutils btrfs-progs zfs-fuse rsync
     lxc lxcfs busybox-static uidmap bridge-utils
     linux-image-amd64 qemu-system-x86 lvm2 thin-provisioning-tools quota
+    restic bc
 )
 missing=()
 for p in "${packages[@]}"; do
