@@ -6,6 +6,7 @@ mod btrfs;
 /// Tree fixtures and GNU tar helpers shared with the archive crate's tests.
 #[path = "../../crates/archive/tests/common/mod.rs"]
 mod common;
+mod dedup;
 mod dir_storage;
 mod iscsi;
 mod lxc;

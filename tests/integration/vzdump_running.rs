@@ -1067,3 +1067,72 @@ fn snapshot_mode_rootfs_on_zfs_failing_then_restored_onto_dir_and_back_onto_zfs(
         std::panic::resume_unwind(p);
     }
 }
+
+/// A running container backed up in stop mode into a `dedup` storage, restored with
+/// `pct restore` as a new container that starts and holds what the first one wrote.
+#[test]
+#[ignore = "needs root: real LXC containers, loop devices, mounts, lxcfs"]
+fn stop_mode_into_dedup_storage_restores_a_container_that_starts() {
+    let _s = session();
+    let (r, _g) = host_with_ct(954, "local:0.1", None);
+    let _g2 = CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmids: vec![955],
+    };
+    // `local` is added by default.
+    r.write(
+        "/etc/pve/storage.cfg",
+        &format!(
+            "dedup: backups\n\tpath {}\n\tcontent backup\n",
+            r.join("/srv/dedup").display()
+        ),
+    );
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let rt = rt();
+    rt.block_on(async {
+        lxc.start(954, false, &mut warn).await.unwrap();
+        exec(&lxc, 954, "echo written-while-running > /root/live.txt").await;
+    });
+    let (ok, log) = vzdump(
+        &r,
+        &[
+            "954",
+            "--mode",
+            "stop",
+            "--storage",
+            "backups",
+            "--stopwait",
+            "1",
+        ],
+    );
+    assert!(ok, "{log}");
+    let order = [
+        "stopping virtual guest",
+        "creating snapshot in dedup storage 'backups'",
+        "restarting vm",
+        "Finished Backup of VM 954",
+    ];
+    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    rt.block_on(assert_running_and_alive(&lxc, 954));
+    let list = r.ok("pvesm", &["list", "backups"]);
+    let volid = list
+        .lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("backups:backup/ct/954/"))
+        })
+        .unwrap_or_else(|| panic!("{list}"))
+        .to_string();
+    r.ok("pct", &["restore", "955", &volid, "--storage", "local"]);
+    rt.block_on(async {
+        lxc.start(955, false, &mut warn).await.unwrap();
+        assert_running_and_alive(&lxc, 955).await;
+        assert_eq!(
+            exec(&lxc, 955, "cat /root/live.txt").await,
+            "written-while-running\n"
+        );
+        assert_eq!(exec(&lxc, 955, "hostname").await, "ct954\n");
+    });
+}

@@ -24,6 +24,8 @@ pub(crate) struct Meta {
     pub blocks: u64,
     pub mtime: i64,
     pub mtime_nsec: u32,
+    pub ctime: i64,
+    pub ctime_nsec: u32,
 }
 
 impl Meta {
@@ -45,6 +47,8 @@ impl Meta {
             blocks: st.st_blocks.max(0) as u64,
             mtime: st.st_mtime as i64,
             mtime_nsec: st.st_mtime_nsec as u32,
+            ctime: st.st_ctime as i64,
+            ctime_nsec: st.st_ctime_nsec as u32,
         }
     }
 

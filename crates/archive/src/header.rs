@@ -74,23 +74,37 @@ pub struct SparseRegion {
     pub length: u64,
 }
 
-/// Everything needed to encode one member's headers.
+/// Everything needed to encode one member's headers: the metadata of one
+/// tree entry as the archive stores it (owners already id-mapped).
 #[derive(Debug, Clone)]
-pub(crate) struct MemberHeader<'a> {
+pub struct MemberHeader<'a> {
+    /// Member name (`./etc/hosts`, directories end in `/`).
     pub name: &'a [u8],
+    /// Member type.
     pub kind: MemberKind,
+    /// Permission bits incl. setuid/setgid/sticky (file type bits ignored).
     pub mode: u32,
+    /// Owner as archived.
     pub uid: u64,
+    /// Group as archived.
     pub gid: u64,
+    /// Modification time, seconds.
     pub mtime: i64,
+    /// Modification time, nanoseconds.
     pub mtime_nsec: u32,
     /// Content bytes following the header (for sparse: the data regions only).
     pub size: u64,
+    /// Symlink or hard-link target.
     pub link: Option<&'a [u8]>,
+    /// Major and minor number of devices.
     pub device: (u32, u32),
+    /// Sparse files: real size and data regions.
     pub sparse: Option<(u64, &'a [SparseRegion])>,
+    /// Access ACL in libacl text form.
     pub acl_access: Option<String>,
+    /// Default ACL in libacl text form (directories).
     pub acl_default: Option<String>,
+    /// Archived xattrs (name, raw value), sorted by name.
     pub xattrs: &'a [(Vec<u8>, Vec<u8>)],
 }
 
@@ -182,7 +196,10 @@ pub fn padding(len: u64) -> usize {
 /// Encode the header blocks of a member: optional PAX `x` header, the
 /// ustar header and, for sparse files, the sparse map blocks. The caller
 /// then writes `m.size` content bytes and [`padding`]`(m.size)` zeros.
-pub(crate) fn encode(m: &MemberHeader<'_>) -> Result<Vec<u8>> {
+///
+/// # Errors
+/// Names or link targets with NUL bytes, empty names, xattr names with `=`.
+pub fn encode(m: &MemberHeader<'_>) -> Result<Vec<u8>> {
     let member = || String::from_utf8_lossy(m.name).into_owned();
     if m.link.is_some_and(|l| l.contains(&0)) || m.name.contains(&0) || m.name.is_empty() {
         return Err(ArchiveError::Unsupported {

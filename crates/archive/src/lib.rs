@@ -42,7 +42,7 @@ pub use compress::{
 pub use error::{ArchiveError, Result};
 pub use exclude::ExcludeSet;
 pub use extract::{ExtractOptions, ExtractReport, extract};
-pub use header::{MemberKind, SparseRegion};
+pub use header::{MemberHeader, MemberKind, SparseRegion};
 pub use idmap::{IdKind, IdMap, IdMapEntry};
 pub use reader::{ArchiveReader, Entry, Sparse, find_member};
-pub use writer::{ArchiveWriter, Stats};
+pub use writer::{ArchiveWriter, FileData, StatKey, Stats, TreeSink, Walker};

@@ -31,6 +31,15 @@
 //!
 //! Memory: one directory's names at a time per level, a 256 KiB copy
 //! buffer, and the names of hard-linked inodes until their last link.
+//!
+//! # One walker, several sinks
+//!
+//! The tree walk ([`Walker`]) is separate from what is made of it: it hands
+//! every member to a [`TreeSink`] as a [`MemberHeader`] (owners and ACLs
+//! already id-mapped). Regular files come with their [`StatKey`] and a
+//! [`FileData`] handle; their content is read only if the sink asks for it,
+//! so a sink may reuse data it already has (incremental backups).
+//! [`ArchiveWriter`] is the sink that writes the tar stream.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -58,7 +67,7 @@ type Attrs = (Option<String>, Option<String>, Vec<(Vec<u8>, Vec<u8>)>);
 pub const MAX_SPARSE_REGIONS: usize = 65_536;
 const MAX_WARNINGS: usize = 1000;
 
-/// Counters of an [`ArchiveWriter::append_tree`] call.
+/// Counters of a tree walk ([`ArchiveWriter::append_tree`], [`Walker::walk`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
@@ -84,12 +93,36 @@ pub struct Stats {
     pub other_fs_dirs: u64,
     /// File content bytes archived (sparse: data regions only).
     pub data_bytes: u64,
+    /// Regular files whose content was read (a sink may skip reading).
+    pub files_read: u64,
+    /// File content bytes read from the tree.
+    pub bytes_read: u64,
     /// What GNU tar would warn about (file changed or vanished while read,
     /// unrepresentable capability); at most 1000 are kept.
     pub warnings: Vec<String>,
 }
 
 impl Stats {
+    /// Add the counters of `o` to these.
+    pub fn add(&mut self, o: &Stats) {
+        self.files += o.files;
+        self.sparse_files += o.sparse_files;
+        self.dirs += o.dirs;
+        self.symlinks += o.symlinks;
+        self.hardlinks += o.hardlinks;
+        self.devices += o.devices;
+        self.fifos += o.fifos;
+        self.sockets_skipped += o.sockets_skipped;
+        self.excluded += o.excluded;
+        self.other_fs_dirs += o.other_fs_dirs;
+        self.data_bytes += o.data_bytes;
+        self.files_read += o.files_read;
+        self.bytes_read += o.bytes_read;
+        for w in &o.warnings {
+            self.warn(w.clone());
+        }
+    }
+
     fn warn(&mut self, msg: String) {
         if self.warnings.len() < MAX_WARNINGS {
             self.warnings.push(msg);
@@ -97,20 +130,139 @@ impl Stats {
     }
 }
 
-/// Streaming tar writer; see the module docs.
-pub struct ArchiveWriter<W: Write> {
-    out: W,
-    written: u64,
+/// The stat fields of a regular file that decide whether its content may
+/// have changed since an earlier walk (taken with `fstat` on the opened
+/// file, before any data is read). Owners and mode are the host's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatKey {
+    /// Device of the file system.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Inode change time in nanoseconds since the epoch.
+    pub ctime_ns: i64,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+    /// Owner (host id).
+    pub uid: u32,
+    /// Group (host id).
+    pub gid: u32,
+}
+
+impl StatKey {
+    fn of(st: &Meta) -> StatKey {
+        let ns = |s: i64, n: u32| s.saturating_mul(1_000_000_000).saturating_add(i64::from(n));
+        StatKey {
+            dev: st.dev,
+            ino: st.ino,
+            size: st.size,
+            mtime_ns: ns(st.mtime, st.mtime_nsec),
+            ctime_ns: ns(st.ctime, st.ctime_nsec),
+            mode: st.mode,
+            uid: st.uid,
+            gid: st.gid,
+        }
+    }
+}
+
+/// Receives the members of a tree walk, in archive order.
+pub trait TreeSink {
+    /// A member without content: directory, symlink, hard link, device, FIFO.
+    ///
+    /// # Errors
+    /// Whatever the sink fails with; the walk stops.
+    fn entry(&mut self, h: &MemberHeader<'_>) -> Result<()>;
+
+    /// A regular file; `h.size` content bytes (its data regions, in
+    /// order) are available from `data`. The sink may read them with
+    /// [`FileData::read`] or not at all.
+    ///
+    /// # Errors
+    /// Whatever the sink fails with; the walk stops.
+    fn file(&mut self, h: &MemberHeader<'_>, key: &StatKey, data: &mut FileData<'_>) -> Result<()>;
+}
+
+/// The content of a regular file during a walk.
+#[derive(Debug)]
+pub struct FileData<'a> {
+    file: &'a File,
+    regions: &'a [SparseRegion],
+    path: &'a Path,
+    buf: &'a mut Vec<u8>,
+    short: bool,
+    read_bytes: u64,
+    was_read: bool,
+}
+
+impl FileData<'_> {
+    /// The file on the host.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        self.path
+    }
+
+    /// Read the data regions in order, handing pieces of at most 256 KiB to
+    /// `f`. Exactly the member's `size` bytes are produced: a file that
+    /// shrank while read is padded with zeros (and a warning recorded).
+    ///
+    /// # Errors
+    /// Read errors on the file, or what `f` returns.
+    pub fn read(&mut self, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        self.was_read = true;
+        let mut buf = std::mem::take(self.buf);
+        buf.resize(COPY_BUF, 0);
+        let res = (|| {
+            for r in self.regions {
+                let mut off = r.offset;
+                let end = r.offset + r.length;
+                while off < end {
+                    let want = usize::try_from(end - off)
+                        .unwrap_or(usize::MAX)
+                        .min(buf.len());
+                    let n = if self.short {
+                        0
+                    } else {
+                        match self.file.read_at(&mut buf[..want], off) {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(ArchiveError::fs("read", self.path, e)),
+                        }
+                    };
+                    let n = if n == 0 {
+                        self.short = true;
+                        buf[..want].fill(0);
+                        want
+                    } else {
+                        self.read_bytes += n as u64;
+                        n
+                    };
+                    f(&buf[..n])?;
+                    off += n as u64;
+                }
+            }
+            Ok(())
+        })();
+        *self.buf = buf;
+        res
+    }
+}
+
+/// Walks directory trees like GNU tar (see the module docs) and hands the
+/// members to a [`TreeSink`]. Hard-link state is kept across walks.
+pub struct Walker {
     id_map: Option<IdMap>,
     /// (dev, ino) → (first member name, links still to come)
     links: HashMap<(u64, u64), (Vec<u8>, u64)>,
     buf: Vec<u8>,
 }
 
-impl<W: Write> std::fmt::Debug for ArchiveWriter<W> {
+impl std::fmt::Debug for Walker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ArchiveWriter")
-            .field("written", &self.written)
+        f.debug_struct("Walker")
             .field("id_map", &self.id_map)
             .finish_non_exhaustive()
     }
@@ -123,90 +275,32 @@ struct Source<'a> {
     path: PathBuf,
 }
 
-impl<W: Write> ArchiveWriter<W> {
-    /// A writer storing host ids as they are.
-    pub fn new(out: W) -> Self {
-        ArchiveWriter {
-            out,
-            written: 0,
-            id_map: None,
+impl Walker {
+    /// A walker storing host ids as they are, or (with `id_map`) ids as
+    /// seen inside a container with this id map.
+    #[must_use]
+    pub fn new(id_map: Option<IdMap>) -> Self {
+        Walker {
+            id_map,
             links: HashMap::new(),
             buf: Vec::new(),
         }
     }
 
-    /// A writer storing ids as seen inside a container with this id map.
-    pub fn with_id_map(out: W, map: IdMap) -> Self {
-        let mut w = ArchiveWriter::new(out);
-        w.id_map = Some(map);
-        w
-    }
-
-    /// Bytes written to the stream so far.
-    #[must_use]
-    pub fn bytes_written(&self) -> u64 {
-        self.written
-    }
-
-    fn put(&mut self, data: &[u8]) -> Result<()> {
-        self.out.write_all(data).map_err(ArchiveError::Stream)?;
-        self.written += data.len() as u64;
-        Ok(())
-    }
-
-    fn pad(&mut self, len: u64) -> Result<()> {
-        let n = header::padding(len);
-        self.put(&[0u8; BLOCK][..n])
-    }
-
-    /// Append a regular file member with the given content, owned by 0:0
-    /// (e.g. `./etc/vzdump/pct.conf`). No parent directory members are
-    /// written, as with tar's explicitly listed files.
-    ///
-    /// # Errors
-    /// Invalid name, or a write error.
-    pub fn append_data(
-        &mut self,
-        name: impl AsRef<[u8]>,
-        data: &[u8],
-        mode: u32,
-        mtime: i64,
-    ) -> Result<()> {
-        let h = MemberHeader {
-            name: name.as_ref(),
-            kind: MemberKind::Regular,
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime,
-            mtime_nsec: 0,
-            size: data.len() as u64,
-            link: None,
-            device: (0, 0),
-            sparse: None,
-            acl_access: None,
-            acl_default: None,
-            xattrs: &[],
-        };
-        let bytes = header::encode(&h)?;
-        self.put(&bytes)?;
-        self.put(data)?;
-        self.pad(data.len() as u64)
-    }
-
-    /// Archive the tree at `src` under `member_prefix` (`"./"` for a rootfs,
+    /// Walk the tree at `src` under `member_prefix` (`"./"` for a rootfs,
     /// `"./mnt/data"` for a mount point). `src` itself becomes the member
     /// `<prefix>/`; exclude patterns are matched against member names.
     ///
     /// # Errors
     /// I/O errors on the source tree (other than files vanishing while the
-    /// tree is read, which are warnings) or on the output stream.
-    pub fn append_tree(
+    /// tree is read, which are warnings) or the sink's errors.
+    pub fn walk(
         &mut self,
         src: &Path,
         member_prefix: &str,
         excludes: &ExcludeSet,
         one_file_system: bool,
+        sink: &mut dyn TreeSink,
     ) -> Result<Stats> {
         let mut stats = Stats::default();
         let root = rustix::fs::open(
@@ -222,29 +316,24 @@ impl<W: Write> ArchiveWriter<W> {
         let base = if base.is_empty() { "." } else { base };
         let mut root_name = base.as_bytes().to_vec();
         root_name.push(b'/');
-        self.emit_dir(&root, &root_name, &meta, src, &mut stats)?;
-        self.walk(
-            &root,
-            base.as_bytes(),
-            src,
-            meta.dev,
+        self.emit_dir(&root, &root_name, &meta, src, &mut stats, sink)?;
+        let ctx = WalkCtx {
+            root_dev: meta.dev,
             excludes,
             one_file_system,
-            &mut stats,
-        )?;
+        };
+        self.walk_dir(&root, base.as_bytes(), src, &ctx, &mut stats, sink)?;
         Ok(stats)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn walk(
+    fn walk_dir(
         &mut self,
         dir: &OwnedFd,
         dir_member: &[u8],
         dir_path: &Path,
-        root_dev: u64,
-        excludes: &ExcludeSet,
-        one_file_system: bool,
+        ctx: &WalkCtx<'_>,
         stats: &mut Stats,
+        sink: &mut dyn TreeSink,
     ) -> Result<()> {
         let mut names = Vec::new();
         {
@@ -265,7 +354,7 @@ impl<W: Write> ArchiveWriter<W> {
             member.push(b'/');
             member.extend_from_slice(&name);
             let path = dir_path.join(std::ffi::OsStr::from_bytes(&name));
-            if excludes.is_excluded(&member) {
+            if ctx.excludes.is_excluded(&member) {
                 stats.excluded += 1;
                 continue;
             }
@@ -311,22 +400,14 @@ impl<W: Write> ArchiveWriter<W> {
                     );
                     let mut dname = member.clone();
                     dname.push(b'/');
-                    self.emit_dir(&sub, &dname, &meta, &src.path, stats)?;
-                    if one_file_system && meta.dev != root_dev {
+                    self.emit_dir(&sub, &dname, &meta, &src.path, stats, sink)?;
+                    if ctx.one_file_system && meta.dev != ctx.root_dev {
                         stats.other_fs_dirs += 1;
                         continue;
                     }
-                    self.walk(
-                        &sub,
-                        &member,
-                        &src.path,
-                        root_dev,
-                        excludes,
-                        one_file_system,
-                        stats,
-                    )?;
+                    self.walk_dir(&sub, &member, &src.path, ctx, stats, sink)?;
                 }
-                FileType::RegularFile => self.emit_file(&src, &member, &st, stats)?,
+                FileType::RegularFile => self.emit_file(&src, &member, &st, stats, sink)?,
                 FileType::Symlink => {
                     let target = match rustix::fs::readlinkat(dir, name.as_slice(), Vec::new()) {
                         Ok(t) => t.into_bytes(),
@@ -347,10 +428,11 @@ impl<W: Write> ArchiveWriter<W> {
                         Some(&target),
                         None,
                         stats,
+                        sink,
                     )?;
                 }
                 FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
-                    if st.nlink > 1 && self.emit_hardlink_if_seen(&member, &st, stats)? {
+                    if st.nlink > 1 && self.emit_hardlink_if_seen(&member, &st, stats, sink)? {
                         continue;
                     }
                     let kind = match st.file_type() {
@@ -371,6 +453,7 @@ impl<W: Write> ArchiveWriter<W> {
                         None,
                         Some((XattrTarget::Path(&ppath), &src.path)),
                         stats,
+                        sink,
                     )?;
                 }
                 FileType::Socket => {
@@ -469,6 +552,7 @@ impl<W: Write> ArchiveWriter<W> {
         st: &Meta,
         path: &Path,
         stats: &mut Stats,
+        sink: &mut dyn TreeSink,
     ) -> Result<()> {
         let (acl_access, acl_default, xattrs) =
             self.collect_attrs(XattrTarget::Fd(fd.as_fd()), path, true, stats)?;
@@ -489,11 +573,11 @@ impl<W: Write> ArchiveWriter<W> {
             acl_default,
             xattrs: &xattrs,
         };
-        let bytes = header::encode(&h)?;
-        self.put(&bytes)
+        sink.entry(&h)
     }
 
     /// Members without content: symlinks, devices, FIFOs.
+    #[allow(clippy::too_many_arguments)]
     fn emit_simple(
         &mut self,
         name: &[u8],
@@ -502,6 +586,7 @@ impl<W: Write> ArchiveWriter<W> {
         link: Option<&[u8]>,
         attrs: Option<(XattrTarget<'_>, &Path)>,
         stats: &mut Stats,
+        sink: &mut dyn TreeSink,
     ) -> Result<()> {
         let (acl_access, acl_default, xattrs) = match attrs {
             Some((t, p)) => self.collect_attrs(t, p, false, stats)?,
@@ -523,8 +608,7 @@ impl<W: Write> ArchiveWriter<W> {
             acl_default,
             xattrs: &xattrs,
         };
-        let bytes = header::encode(&h)?;
-        self.put(&bytes)
+        sink.entry(&h)
     }
 
     /// Emit a hard-link member if this inode was archived before; otherwise
@@ -534,6 +618,7 @@ impl<W: Write> ArchiveWriter<W> {
         member: &[u8],
         st: &Meta,
         stats: &mut Stats,
+        sink: &mut dyn TreeSink,
     ) -> Result<bool> {
         let key = (st.dev, st.ino);
         if let Some((first, left)) = self.links.get_mut(&key) {
@@ -543,7 +628,15 @@ impl<W: Write> ArchiveWriter<W> {
                 self.links.remove(&key);
             }
             stats.hardlinks += 1;
-            self.emit_simple(member, MemberKind::HardLink, st, Some(&target), None, stats)?;
+            self.emit_simple(
+                member,
+                MemberKind::HardLink,
+                st,
+                Some(&target),
+                None,
+                stats,
+                sink,
+            )?;
             return Ok(true);
         }
         self.links.insert(key, (member.to_vec(), st.nlink - 1));
@@ -556,6 +649,7 @@ impl<W: Write> ArchiveWriter<W> {
         member: &[u8],
         lst: &Meta,
         stats: &mut Stats,
+        sink: &mut dyn TreeSink,
     ) -> Result<()> {
         let fd = match rustix::fs::openat(
             src.dirfd,
@@ -586,7 +680,7 @@ impl<W: Write> ArchiveWriter<W> {
         if (st.dev, st.ino) != (lst.dev, lst.ino) {
             stats.warn(format!("{}: file replaced while read", src.path.display()));
         }
-        if st.nlink > 1 && self.emit_hardlink_if_seen(member, &st, stats)? {
+        if st.nlink > 1 && self.emit_hardlink_if_seen(member, &st, stats, sink)? {
             return Ok(());
         }
         let (acl_access, acl_default, xattrs) =
@@ -620,63 +714,190 @@ impl<W: Write> ArchiveWriter<W> {
             acl_default,
             xattrs: &xattrs,
         };
-        let bytes = header::encode(&h)?;
-        self.put(&bytes)?;
         let file = File::from(fd);
         let whole = [SparseRegion {
             offset: 0,
             length: st.size,
         }];
-        let mut short = false;
-        for r in regions.as_deref().unwrap_or(&whole) {
-            short |= self.copy_region(&file, r, &src.path)?;
-        }
-        if short {
+        let mut data = FileData {
+            file: &file,
+            regions: regions.as_deref().unwrap_or(&whole),
+            path: &src.path,
+            buf: &mut self.buf,
+            short: false,
+            read_bytes: 0,
+            was_read: false,
+        };
+        sink.file(&h, &StatKey::of(&st), &mut data)?;
+        if data.short {
             stats.warn(format!(
                 "{}: file shrank by some bytes; padding with zeros",
                 src.path.display()
             ));
         }
+        if data.was_read {
+            stats.files_read += 1;
+        }
+        stats.bytes_read += data.read_bytes;
         stats.data_bytes += data_size;
-        self.pad(data_size)
+        Ok(())
+    }
+}
+
+struct WalkCtx<'a> {
+    root_dev: u64,
+    excludes: &'a ExcludeSet,
+    one_file_system: bool,
+}
+
+/// The tar-encoding half of [`ArchiveWriter`].
+struct TarOut<W: Write> {
+    out: W,
+    written: u64,
+}
+
+impl<W: Write> TarOut<W> {
+    fn put(&mut self, data: &[u8]) -> Result<()> {
+        self.out.write_all(data).map_err(ArchiveError::Stream)?;
+        self.written += data.len() as u64;
+        Ok(())
     }
 
-    /// Copy one region; returns true if the file was shorter than expected
-    /// (the rest is zero-filled so the stream stays consistent).
-    fn copy_region(&mut self, file: &File, r: &SparseRegion, path: &Path) -> Result<bool> {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(COPY_BUF, 0);
-        let mut off = r.offset;
-        let end = r.offset + r.length;
-        let mut short = false;
-        let res = (|| {
-            while off < end {
-                let want = usize::try_from(end - off)
-                    .unwrap_or(usize::MAX)
-                    .min(buf.len());
-                let n = if short {
-                    0
-                } else {
-                    match file.read_at(&mut buf[..want], off) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(ArchiveError::fs("read", path, e)),
-                    }
-                };
-                let n = if n == 0 {
-                    short = true;
-                    buf[..want].fill(0);
-                    want
-                } else {
-                    n
-                };
-                self.put(&buf[..n])?;
-                off += n as u64;
-            }
-            Ok(())
-        })();
-        self.buf = buf;
-        res.map(|()| short)
+    fn pad(&mut self, len: u64) -> Result<()> {
+        let n = header::padding(len);
+        self.put(&[0u8; BLOCK][..n])
+    }
+}
+
+impl<W: Write> TreeSink for TarOut<W> {
+    fn entry(&mut self, h: &MemberHeader<'_>) -> Result<()> {
+        let bytes = header::encode(h)?;
+        self.put(&bytes)
+    }
+
+    fn file(
+        &mut self,
+        h: &MemberHeader<'_>,
+        _key: &StatKey,
+        data: &mut FileData<'_>,
+    ) -> Result<()> {
+        let bytes = header::encode(h)?;
+        self.put(&bytes)?;
+        data.read(&mut |b| self.put(b))?;
+        self.pad(h.size)
+    }
+}
+
+/// Streaming tar writer; see the module docs.
+pub struct ArchiveWriter<W: Write> {
+    tar: TarOut<W>,
+    walker: Walker,
+}
+
+impl<W: Write> std::fmt::Debug for ArchiveWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveWriter")
+            .field("written", &self.tar.written)
+            .field("walker", &self.walker)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The end-of-archive marker (two zero blocks) plus GNU tar's padding to
+/// 10 KiB records, for a stream of `written` bytes so far.
+#[must_use]
+pub fn trailer(written: u64) -> Vec<u8> {
+    let mut t = vec![0u8; 2 * BLOCK];
+    let rem = ((written + t.len() as u64) % RECORD as u64) as usize;
+    if rem != 0 {
+        t.resize(t.len() + RECORD - rem, 0);
+    }
+    t
+}
+
+/// The header blocks of a regular file member written by
+/// [`ArchiveWriter::append_data`] (owned by 0:0, no attributes).
+///
+/// # Errors
+/// Invalid name.
+pub fn data_member_header(name: &[u8], size: u64, mode: u32, mtime: i64) -> Result<Vec<u8>> {
+    let h = MemberHeader {
+        name,
+        kind: MemberKind::Regular,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime,
+        mtime_nsec: 0,
+        size,
+        link: None,
+        device: (0, 0),
+        sparse: None,
+        acl_access: None,
+        acl_default: None,
+        xattrs: &[],
+    };
+    header::encode(&h)
+}
+
+impl<W: Write> ArchiveWriter<W> {
+    /// A writer storing host ids as they are.
+    pub fn new(out: W) -> Self {
+        ArchiveWriter {
+            tar: TarOut { out, written: 0 },
+            walker: Walker::new(None),
+        }
+    }
+
+    /// A writer storing ids as seen inside a container with this id map.
+    pub fn with_id_map(out: W, map: IdMap) -> Self {
+        ArchiveWriter {
+            tar: TarOut { out, written: 0 },
+            walker: Walker::new(Some(map)),
+        }
+    }
+
+    /// Bytes written to the stream so far.
+    #[must_use]
+    pub fn bytes_written(&self) -> u64 {
+        self.tar.written
+    }
+
+    /// Append a regular file member with the given content, owned by 0:0
+    /// (e.g. `./etc/vzdump/pct.conf`). No parent directory members are
+    /// written, as with tar's explicitly listed files.
+    ///
+    /// # Errors
+    /// Invalid name, or a write error.
+    pub fn append_data(
+        &mut self,
+        name: impl AsRef<[u8]>,
+        data: &[u8],
+        mode: u32,
+        mtime: i64,
+    ) -> Result<()> {
+        let bytes = data_member_header(name.as_ref(), data.len() as u64, mode, mtime)?;
+        self.tar.put(&bytes)?;
+        self.tar.put(data)?;
+        self.tar.pad(data.len() as u64)
+    }
+
+    /// Archive the tree at `src` under `member_prefix` (`"./"` for a rootfs,
+    /// `"./mnt/data"` for a mount point). `src` itself becomes the member
+    /// `<prefix>/`; exclude patterns are matched against member names.
+    ///
+    /// # Errors
+    /// I/O errors on the source tree (other than files vanishing while the
+    /// tree is read, which are warnings) or on the output stream.
+    pub fn append_tree(
+        &mut self,
+        src: &Path,
+        member_prefix: &str,
+        excludes: &ExcludeSet,
+        one_file_system: bool,
+    ) -> Result<Stats> {
+        self.walker
+            .walk(src, member_prefix, excludes, one_file_system, &mut self.tar)
     }
 
     /// Write the end-of-archive marker (two zero blocks), pad to GNU tar's
@@ -685,14 +906,10 @@ impl<W: Write> ArchiveWriter<W> {
     /// # Errors
     /// A write or flush error.
     pub fn finish(mut self) -> Result<W> {
-        self.put(&[0u8; 2 * BLOCK])?;
-        let rem = (self.written % RECORD as u64) as usize;
-        if rem != 0 {
-            let zeros = vec![0u8; RECORD - rem];
-            self.put(&zeros)?;
-        }
-        self.out.flush().map_err(ArchiveError::Stream)?;
-        Ok(self.out)
+        let t = trailer(self.tar.written);
+        self.tar.put(&t)?;
+        self.tar.out.flush().map_err(ArchiveError::Stream)?;
+        Ok(self.tar.out)
     }
 }
 

@@ -132,6 +132,10 @@ struct Cli {
     /// PBS change detection mode (legacy, data, metadata; PBS only).
     #[arg(long = "pbs-change-detection-mode")]
     pbs_change_detection_mode: Option<String>,
+    /// Dedup storages: 'metadata' reuses files whose size, times, inode, mode and owners are
+    /// unchanged; 'data' reads everything.
+    #[arg(long = "change-detection", value_name = "data|metadata")]
+    change_detection: Option<String>,
     /// Job id (API only).
     #[arg(long = "job-id")]
     job_id: Option<String>,
@@ -170,6 +174,7 @@ const OPTIONS: &[(&str, &str)] = &[
     ("performance", "performance"),
     ("fleecing", "fleecing"),
     ("pbs_change_detection_mode", "pbs-change-detection-mode"),
+    ("change_detection", "change-detection"),
     ("job_id", "job-id"),
 ];
 

@@ -95,6 +95,17 @@ pub fn config_from_stream<R: Read>(r: R, how: ConfigMatch) -> Result<FoundConfig
 /// # Errors
 /// "ERROR: file 'X' does not exist", and those of [`config_from_stream`].
 pub fn config_from_file(path: &Path, how: ConfigMatch) -> Result<FoundConfig> {
+    if is_dedup_snapshot(path) {
+        return match std::fs::read(path.join(vzkit_dedup::snapshot::CONFIG)) {
+            Ok(raw) => Ok(FoundConfig {
+                openvz: false,
+                text: reterminate_lines(&raw),
+            }),
+            Err(_) => Err(RestoreError::NotFound(
+                "ERROR: archive contains no configuration file".into(),
+            )),
+        };
+    }
     if !path.is_file() {
         return Err(RestoreError::NotFound(format!(
             "ERROR: file '{}' does not exist",
@@ -104,6 +115,29 @@ pub fn config_from_file(path: &Path, how: ConfigMatch) -> Result<FoundConfig> {
     let f = File::open(path)
         .map_err(|e| RestoreError::Failed(format!("unable to open '{}': {e}", path.display())))?;
     config_from_stream(BufReader::with_capacity(64 * 1024, f), how)
+}
+
+/// Whether `path` (as a storage resolved a volume id) is a complete snapshot of a `dedup`
+/// store rather than an archive file.
+#[must_use]
+pub fn is_dedup_snapshot(path: &Path) -> bool {
+    path.join(vzkit_dedup::snapshot::MANIFEST).is_file()
+}
+
+/// The store and snapshot of a `dedup` snapshot directory (`<store>/ct/<vmid>/<time>`).
+///
+/// # Errors
+/// A path not of that form.
+pub fn dedup_snapshot(path: &Path) -> Result<(vzkit_dedup::Store, vzkit_dedup::SnapshotRef)> {
+    let bad = || RestoreError::Invalid(format!("'{}' is not a dedup snapshot", path.display()));
+    let time = path.file_name().and_then(|n| n.to_str()).ok_or_else(bad)?;
+    let group = path.parent().ok_or_else(bad)?;
+    let vmid = group.file_name().and_then(|n| n.to_str()).ok_or_else(bad)?;
+    let root = group.parent().and_then(Path::parent).ok_or_else(bad)?;
+    let snap = vzkit_dedup::SnapshotRef::parse(&format!("ct/{vmid}/{time}"))
+        .map_err(|e| RestoreError::Invalid(e.to_string()))?;
+    let store = vzkit_dedup::Store::open(root).map_err(|e| RestoreError::Failed(e.to_string()))?;
+    Ok((store, snap))
 }
 
 /// `abs_filesystem_path`: a volume id of a configured storage resolves to its path; anything
@@ -133,6 +167,11 @@ pub async fn archive_path(storages: &Storages, volume: &str) -> Result<PathBuf> 
 /// "ERROR: archive contains no configuration file"; qemu backups are not supported.
 pub async fn extract_config(storages: &Storages, volume: &str) -> Result<Vec<u8>> {
     let path = archive_path(storages, volume).await?;
+    if is_dedup_snapshot(&path) {
+        let mut text = config_from_file(&path, ConfigMatch::Anchored)?.text;
+        text.push(b'\n');
+        return Ok(text);
+    }
     let name = path.display().to_string();
     let info = archive_info(&name).map_err(|e| RestoreError::Invalid(e.to_string()))?;
     match info.guest_type {

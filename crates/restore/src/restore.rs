@@ -42,7 +42,9 @@ use vzkit_storage::config::ContentType;
 use vzkit_storage::manager::Storages;
 
 use crate::error::{RestoreError, Result};
-use crate::extractconfig::{ConfigMatch, archive_path, config_from_file};
+use crate::extractconfig::{
+    ConfigMatch, archive_path, config_from_file, dedup_snapshot, is_dedup_snapshot,
+};
 use crate::ostype::require_ostype;
 use crate::plan::{
     DiskPlan, DiskSpec, Mode as RunMode, PlannedMount, advanced_plan, apply_defaults,
@@ -611,6 +613,9 @@ async fn extract_archive(
 ) -> Result<ExtractReport> {
     let id_map = archive_id_map(conf)?;
     let opts = ExtractOptions::pve_restore(id_map, req.ignore_unpack_errors);
+    if let Some(p) = path.filter(|p| is_dedup_snapshot(p)) {
+        return extract_dedup(p, root, opts, log).await;
+    }
     match path {
         Some(p) => log(Level::Info, format!("extracting archive '{}'", p.display())),
         None => log(Level::Info, "extracting archive from STDIN".into()),
@@ -669,6 +674,69 @@ async fn extract_archive(
         );
     }
     Ok(report)
+}
+
+/// Restore a `dedup` store snapshot: its tar stream, rebuilt from the catalog and chunks,
+/// goes through the same extractor. Files with damaged chunks are not left behind; they are
+/// logged and make the restore fail after everything else is extracted (which frees the new
+/// volumes, as any failed restore), unless `--ignore-unpack-errors` keeps the rest.
+async fn extract_dedup(
+    path: &Path,
+    root: &Path,
+    opts: ExtractOptions,
+    log: Log<'_>,
+) -> Result<ExtractReport> {
+    let (store, snap) = dedup_snapshot(path)?;
+    let ignore = opts.ignore_unpack_errors;
+    log(
+        Level::Info,
+        format!(
+            "extracting snapshot '{}' of dedup store '{}'",
+            snap.name(),
+            store.root().display()
+        ),
+    );
+    let root = root.to_path_buf();
+    let start = Instant::now();
+    let report = tokio::task::spawn_blocking(move || {
+        vzkit_dedup::snapshot::restore(&store, &snap, &root, &opts, None)
+    })
+    .await
+    .map_err(|e| RestoreError::Failed(format!("extraction task failed: {e}")))?
+    .map_err(|e| RestoreError::Failed(e.to_string()))?;
+    let secs = start.elapsed().as_secs_f64().max(1e-3);
+    let bytes = report.extract.bytes;
+    log(
+        Level::Info,
+        format!(
+            "Total bytes written: {bytes} ({:.1}MiB, {:.1}MiB/s)",
+            bytes as f64 / 1048576.0,
+            bytes as f64 / 1048576.0 / secs
+        ),
+    );
+    for e in report.extract.errors.iter().take(50) {
+        log(Level::Warn, format!("unpack error ignored: {e}"));
+    }
+    if !report.failed.is_empty() {
+        for f in &report.failed {
+            log(
+                Level::Warn,
+                format!("error: file '{}' not restored: {}", f.member, f.error),
+            );
+        }
+        let msg = format!(
+            "{} file(s) could not be restored from damaged chunks (run verify on the store)",
+            report.failed.len()
+        );
+        if !ignore {
+            return Err(RestoreError::Failed(msg));
+        }
+        log(
+            Level::Warn,
+            format!("{msg} - ignored (--ignore-unpack-errors)"),
+        );
+    }
+    Ok(report.extract)
 }
 
 /// Chunks the decompression thread hands to the extractor.

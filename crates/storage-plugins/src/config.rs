@@ -454,6 +454,21 @@ static SCHEMAS: &[TypeSchema] = &[
         formats: &["raw", "subvol"],
     },
     TypeSchema {
+        name: "dedup",
+        options: &[
+            fixed("path"),
+            o("nodes"),
+            o("shared"),
+            o("disable"),
+            o("prune-backups"),
+            o("max-protected-backups"),
+            o("content"),
+        ],
+        content_valid: &[C::Backup],
+        content_default: &[C::Backup],
+        formats: &[],
+    },
+    TypeSchema {
         name: "nfs",
         options: &[
             fixed("path"),

@@ -284,6 +284,23 @@ pub struct BackupEntry {
     pub vmid: Option<u32>,
 }
 
+/// Snapshots of a `dedup` store (`backup/ct/<vmid>/<time>`) are standard container backups.
+fn dedup_archive_info(volname: &str) -> Option<crate::backup::ArchiveInfo> {
+    let (name, vmid, ctime) = crate::plugins::dedup::parse_snapshot_volname(volname)?;
+    Some(crate::backup::ArchiveInfo {
+        filename: name,
+        guest_type: crate::backup::GuestType::Lxc,
+        format: crate::plugins::dedup::FORMAT.into(),
+        compression: None,
+        decompressor: None,
+        logfilename: None,
+        notesfilename: None,
+        vmid: Some(vmid),
+        ctime: Some(ctime),
+        is_std_name: true,
+    })
+}
+
 fn period_id(ctime: i64, key: &str, tz: &TimeZone) -> String {
     if key == "keep-last" {
         return ctime.to_string();
@@ -407,7 +424,9 @@ pub fn prune_mark_in(
         let name = VolumeId::parse(&b.volid)
             .map(|v| v.volname)
             .unwrap_or_else(|_| b.volid.clone());
-        let ai = archive_info_in(&name, tz).ok();
+        let ai = archive_info_in(&name, tz)
+            .ok()
+            .or_else(|| dedup_archive_info(&name));
         let btype = ai
             .as_ref()
             .map_or("unknown", |a| a.guest_type.as_str())

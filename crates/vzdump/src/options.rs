@@ -152,6 +152,9 @@ pub struct JobOptions {
     pub protected: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pbs_change_detection_mode: Option<String>,
+    /// `dedup` storages: `metadata` (reuse unchanged files, default) or `data` (read all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_detection: Option<String>,
     /// API only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
@@ -161,7 +164,7 @@ pub struct JobOptions {
 }
 
 /// Keys of the schema (`$confdesc` + `job-id`, `stdout`).
-pub const OPTION_KEYS: [&str; 33] = [
+pub const OPTION_KEYS: [&str; 34] = [
     "vmid",
     "node",
     "all",
@@ -193,6 +196,7 @@ pub const OPTION_KEYS: [&str; 33] = [
     "notes-template",
     "protected",
     "pbs-change-detection-mode",
+    "change-detection",
     "job-id",
     "stdout",
 ];
@@ -436,6 +440,9 @@ impl JobOptions {
                 }
                 self.notes_template = s();
             }
+            "change-detection" => {
+                self.change_detection = Some(enum_value(v, &["data", "metadata"])?)
+            }
             "pbs-change-detection-mode" => {
                 self.pbs_change_detection_mode =
                     Some(enum_value(v, &["legacy", "data", "metadata"])?)
@@ -511,6 +518,7 @@ impl JobOptions {
             notes_template,
             protected,
             pbs_change_detection_mode,
+            change_detection,
             job_id,
             stdout
         );

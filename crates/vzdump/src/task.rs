@@ -479,6 +479,32 @@ async fn run_steps(ctx: &JobContext, t: &mut Task) -> Result<()> {
         return Ok(());
     }
 
+    if let Some(storeid) = opts.storage.as_deref()
+        && let Ok(section) = ctx.storages.section(storeid)
+        && section.storage_type() == "dedup"
+    {
+        // The store is the storage's `path`; the task log stays in the dump directory.
+        let store_path = section
+            .path()
+            .map_or_else(|| PathBuf::from(&dumpdir), Path::to_path_buf);
+        log.info(format!(
+            "creating snapshot in dedup storage '{storeid}' ({})",
+            store_path.display()
+        ));
+        let r = archive_dedup(ctx, t, config, firewall, store_path).await?;
+        ctx.check()?;
+        t.tmptar = None;
+        t.size = r.stats.logical_size;
+        let volid = format!("{storeid}:backup/{}", r.snapshot.name());
+        log.info(format!("backup volume: {volid}"));
+        finish_volume(ctx, t, &volid).await?;
+        if remove {
+            prune_after_backup(&ctx.storages, target_kind, vmid, &keep, log).await?;
+        }
+        hooks.run("backup-end", Some(&t.hook), log).await?;
+        return Ok(());
+    }
+
     log.info(format!(
         "creating vzdump archive '{}'",
         names.target.display()
@@ -518,40 +544,46 @@ async fn run_steps(ctx: &JobContext, t: &mut Task) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let volid = format!("{storeid}:backup/{file}");
-        if let Some(tpl) = opts.notes_template.as_deref().filter(|t| !t.is_empty()) {
-            log.info("adding notes to backup");
-            let vars = NotesVars {
-                cluster: "standalone node".into(),
-                guestname: t
-                    .hook
-                    .hostname
-                    .clone()
-                    .unwrap_or_else(|| format!("CT{vmid}")),
-                node: ctx.node.clone(),
-                vmid,
-            };
-            match expand_notes_template(tpl, &vars) {
-                Ok(notes) => {
-                    if let Err(e) = set_attribute(ctx, &volid, VolumeAttribute::Notes, &notes).await
-                    {
-                        log.warn(format!("unable to add notes - {e}"));
-                    }
-                }
-                Err(e) => log.warn(format!("unable to add notes - {e}")),
-            }
-        }
-        if opts.protected == Some(true) {
-            log.info("marking backup as protected");
-            set_attribute(ctx, &volid, VolumeAttribute::Protected, "1")
-                .await
-                .map_err(|e| Error::msg(format!("unable to set protected flag - {e}")))?;
-        }
+        finish_volume(ctx, t, &volid).await?;
     }
 
     if remove {
         prune_after_backup(&ctx.storages, target_kind, vmid, &keep, log).await?;
     }
     hooks.run("backup-end", Some(&t.hook), log).await?;
+    Ok(())
+}
+
+/// Notes (from the template) and protection of a new backup volume.
+async fn finish_volume(ctx: &JobContext, t: &Task, volid: &str) -> Result<()> {
+    let (log, opts, vmid) = (&ctx.log, &ctx.opts, t.vmid);
+    if let Some(tpl) = opts.notes_template.as_deref().filter(|t| !t.is_empty()) {
+        log.info("adding notes to backup");
+        let vars = NotesVars {
+            cluster: "standalone node".into(),
+            guestname: t
+                .hook
+                .hostname
+                .clone()
+                .unwrap_or_else(|| format!("CT{vmid}")),
+            node: ctx.node.clone(),
+            vmid,
+        };
+        match expand_notes_template(tpl, &vars) {
+            Ok(notes) => {
+                if let Err(e) = set_attribute(ctx, volid, VolumeAttribute::Notes, &notes).await {
+                    log.warn(format!("unable to add notes - {e}"));
+                }
+            }
+            Err(e) => log.warn(format!("unable to add notes - {e}")),
+        }
+    }
+    if opts.protected == Some(true) {
+        log.info("marking backup as protected");
+        set_attribute(ctx, volid, VolumeAttribute::Protected, "1")
+            .await
+            .map_err(|e| Error::msg(format!("unable to set protected flag - {e}")))?;
+    }
     Ok(())
 }
 
@@ -797,14 +829,13 @@ fn assemble(ctx: &JobContext, t: &Task) -> Result<(Vec<u8>, Vec<u8>)> {
     Ok((text.into_bytes(), fw))
 }
 
-/// The LXC plugin's `archive`: mount (stop mode), then stream.
-async fn archive(
+/// The LXC plugin's `archive` up to the stream: mount (stop mode), collect the sources.
+async fn archive_job(
     ctx: &JobContext,
     t: &mut Task,
     config: Vec<u8>,
     firewall: Vec<u8>,
-    sink: &Sink,
-) -> Result<ArchiveOutcome> {
+) -> Result<ArchiveJob> {
     let log = &ctx.log;
     match t.mode {
         Mode::Stop => {
@@ -859,6 +890,19 @@ async fn archive(
         level: None,
         bwlimit: u64::try_from(ctx.opts.bwlimit.unwrap_or(0)).unwrap_or(0) * 1024,
     };
+    Ok(job)
+}
+
+/// The LXC plugin's `archive`: mount (stop mode), then stream.
+async fn archive(
+    ctx: &JobContext,
+    t: &mut Task,
+    config: Vec<u8>,
+    firewall: Vec<u8>,
+    sink: &Sink,
+) -> Result<ArchiveOutcome> {
+    let log = &ctx.log;
+    let job = archive_job(ctx, t, config, firewall).await?;
     let control = Control {
         cancel: Arc::clone(&ctx.cancel),
         counters: Arc::default(),
@@ -886,6 +930,92 @@ async fn archive(
     }
     log.info(tar_totals_line(out.tar_bytes, out.elapsed.as_secs_f64()));
     Ok(out)
+}
+
+/// The archive step for a `dedup` storage: the same sources, excludes and id map as the tar
+/// archive, written as a snapshot of the store (incremental against the group's newest one).
+async fn archive_dedup(
+    ctx: &JobContext,
+    t: &mut Task,
+    config: Vec<u8>,
+    firewall: Vec<u8>,
+    store_path: PathBuf,
+) -> Result<vzkit_dedup::BackupResult> {
+    let log = &ctx.log;
+    let job = archive_job(ctx, t, config, firewall).await?;
+    let mode = match (
+        ctx.opts.change_detection.as_deref(),
+        ctx.opts.pbs_change_detection_mode.as_deref(),
+    ) {
+        (Some("data"), _) | (None, Some("data" | "legacy")) => vzkit_dedup::ChangeDetection::Data,
+        _ => vzkit_dedup::ChangeDetection::Metadata,
+    };
+    log.info(format!(
+        "change detection: {}",
+        if mode == vzkit_dedup::ChangeDetection::Data {
+            "data"
+        } else {
+            "metadata"
+        }
+    ));
+    let vmid = t.vmid;
+    let cancel = Arc::clone(&ctx.cancel);
+    let res =
+        tokio::task::spawn_blocking(move || -> vzkit_dedup::Result<vzkit_dedup::BackupResult> {
+            let store = vzkit_dedup::Store::open(&store_path)?;
+            let mut o = vzkit_dedup::BackupOptions::new(vmid);
+            o.change_detection = mode;
+            o.id_map = job.id_map.clone();
+            let mut b = vzkit_dedup::Backup::start(&store, o)?;
+            b.add_data(
+                "./etc/vzdump/pct.conf",
+                &job.config,
+                0o644,
+                job.config_mtime,
+            )?;
+            b.add_data(
+                "./etc/vzdump/pct.fw",
+                &job.firewall,
+                0o644,
+                job.config_mtime,
+            )?;
+            for s in &job.sources {
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(vzkit_dedup::Error::Invalid("interrupted by signal".into()));
+                }
+                b.add_tree(&s.dir, &s.prefix, &job.excludes, true)?;
+            }
+            b.finish()
+        })
+        .await
+        .map_err(|e| Error::msg(format!("archive task failed - {e}")))?;
+    let r = res.map_err(|e| Error::msg(format!("dedup backup failed - {e}")))?;
+    for w in &r.stats.warnings {
+        if !w.ends_with("socket ignored") {
+            log.info(format!("tar: {w}"));
+        }
+    }
+    let st = &r.stats;
+    log.info(format!(
+        "files: {} ({} read, {} unchanged and reused), {} read",
+        st.files,
+        st.files_read,
+        st.files_reused,
+        format_size(st.bytes_read)
+    ));
+    log.info(format!(
+        "chunks: {} referenced, {} new ({} -> {} compressed)",
+        st.chunks,
+        st.chunks_new,
+        format_size(st.bytes_new),
+        format_size(st.bytes_new_compressed)
+    ));
+    log.info(format!(
+        "snapshot size {} in {:.1}s",
+        format_size(st.logical_size),
+        r.seconds
+    ));
+    Ok(r)
 }
 
 /// Always run after the steps: PVE's cleanup block.

@@ -5,12 +5,14 @@
 //! | `dir` | [`dir`] | argument vectors; real files, loop devices and mounts |
 //! | `zfspool` | [`zfspool`] | argument vectors; a real zfs-fuse pool (datasets only: zfs-fuse has no zvols) |
 //! | `btrfs` | [`btrfs`] | argument vectors; a real loop-mounted btrfs with and without quotas |
+//! | `dedup` | [`dedup`] | volume names; real stores in `tests/integration/dedup.rs` |
 //! | `lvmthin` | [`lvmthin`] | argument vectors and captured `lvs`/`vgs` output in unit tests; real LVM-thin in the kernel VM tier (`tests/integration/vm_lvmthin.rs`) |
 //! | `rbd` | [`rbd`] | argument vectors and captured `rbd` JSON in unit tests; a real single-node Ceph cluster on 127.0.0.1, images reached through kernel `rbd map` where the kernel has RBD, else a `qemu-storage-daemon` FUSE export plus a loop device (`tests/integration/rbd.rs`) |
 //! | `iscsi` | [`iscsi`] | argument vectors and captured `iscsiadm`/`iscsi-ls`/`iscsi-inq`/`tgtadm` output and a sysfs tree in unit tests; a real tgt target on 127.0.0.1 through the userspace initiator (libiscsi, qemu-storage-daemon FUSE exports), managed LUNs through `tgtadm` (`tests/integration/iscsi.rs`); the kernel initiator (open-iscsi login, `/dev/sdX`) in the kernel VM tier (`tests/integration/vm_iscsi.rs`) |
 //! | `iscsidirect` | [`iscsidirect`] | argument vectors; the same real tgt target (`tests/integration/iscsi.rs`) |
 
 pub mod btrfs;
+pub mod dedup;
 pub mod dir;
 pub mod iscsi;
 pub mod iscsidirect;
@@ -41,6 +43,7 @@ pub fn plugin_for(
     match section.storage_type() {
         "dir" => Ok(Arc::new(dir::DirPlugin::new(section.clone(), runner)?)),
         "btrfs" => Ok(Arc::new(btrfs::BtrfsPlugin::new(section.clone(), runner)?)),
+        "dedup" => Ok(Arc::new(dedup::DedupPlugin::new(section.clone())?)),
         "lvmthin" => Ok(Arc::new(lvmthin::LvmThinPlugin::new(
             section.clone(),
             runner,

@@ -1,0 +1,719 @@
+//! Writing a snapshot: the tree walker of `vzkit-archive` feeds a
+//! [`TreeSink`] that chunks file data, hashes each chunk (blake3) on the
+//! walking thread and hands new chunks to a bounded pool of threads that
+//! compress (zstd) and write them. Unchanged files (see the crate docs)
+//! reuse the previous snapshot's chunk list without being read.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde::Serialize;
+use vzkit_archive::header::{self, MemberHeader};
+use vzkit_archive::writer::trailer;
+use vzkit_archive::{
+    ArchiveError, ExcludeSet, FileData, IdMap, MemberKind, StatKey, TreeSink, Walker,
+};
+
+use crate::catalog::{CatalogReader, CatalogWriter, ChunkRef, DATA_TREE, Member, walk_order};
+use crate::chunker::{ChunkSizes, Chunker};
+use crate::error::{Error, Result};
+use crate::snapshot::{self, SnapshotRef};
+use crate::store::{LockFile, Store, Writer};
+
+/// How unchanged files are recognized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChangeDetection {
+    /// Reuse a file's chunk list if its stat key matches (crate docs).
+    #[default]
+    Metadata,
+    /// Read and chunk every file.
+    Data,
+}
+
+impl std::str::FromStr for ChangeDetection {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "metadata" => Ok(ChangeDetection::Metadata),
+            "data" => Ok(ChangeDetection::Data),
+            _ => Err(Error::Invalid(format!(
+                "invalid change detection mode '{s}' (expected 'metadata' or 'data')"
+            ))),
+        }
+    }
+}
+
+/// Options of a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The backup group (container id).
+    pub vmid: u32,
+    /// Snapshot time (seconds since the epoch); now if `None`.
+    pub time: Option<i64>,
+    /// Change detection mode.
+    pub change_detection: ChangeDetection,
+    /// Chunk size limits.
+    pub chunk_sizes: ChunkSizes,
+    /// zstd level of chunks.
+    pub level: i32,
+    /// Compressing threads (0: one per CPU).
+    pub threads: usize,
+    /// Host → container id map (unprivileged containers).
+    pub id_map: Option<IdMap>,
+}
+
+impl BackupOptions {
+    /// Defaults for container `vmid`.
+    #[must_use]
+    pub fn new(vmid: u32) -> Self {
+        BackupOptions {
+            vmid,
+            time: None,
+            change_detection: ChangeDetection::Metadata,
+            chunk_sizes: ChunkSizes::default(),
+            level: 3,
+            threads: 0,
+            id_map: None,
+        }
+    }
+}
+
+/// Counters of a backup.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct BackupStats {
+    /// Members in the catalog.
+    pub members: u64,
+    /// Regular files.
+    pub files: u64,
+    /// Regular files whose content was read.
+    pub files_read: u64,
+    /// Regular files whose chunk list was reused unread.
+    pub files_reused: u64,
+    /// File content bytes read.
+    pub bytes_read: u64,
+    /// Chunk references.
+    pub chunks: u64,
+    /// Chunks newly written.
+    pub chunks_new: u64,
+    /// Uncompressed bytes of new chunks.
+    pub bytes_new: u64,
+    /// Compressed bytes of new chunks.
+    pub bytes_new_compressed: u64,
+    /// Size of the tar stream the snapshot stands for.
+    pub logical_size: u64,
+    /// Warnings of the walk (files vanished, changed while read, …).
+    pub warnings: Vec<String>,
+}
+
+type Job = ([u8; 32], Vec<u8>);
+
+struct Pool {
+    tx: Option<SyncSender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+    error: Arc<Mutex<Option<Error>>>,
+    new_chunks: Arc<AtomicU64>,
+    new_bytes: Arc<AtomicU64>,
+    new_comp: Arc<AtomicU64>,
+}
+
+impl Pool {
+    fn new(store: &Store, n: usize, level: i32, tag: &str) -> Pool {
+        let (tx, rx) = sync_channel::<Job>(2 * n);
+        let rx = Arc::new(Mutex::new(rx));
+        let error = Arc::new(Mutex::new(None));
+        let new_chunks = Arc::new(AtomicU64::new(0));
+        let new_bytes = Arc::new(AtomicU64::new(0));
+        let new_comp = Arc::new(AtomicU64::new(0));
+        let threads = (0..n)
+            .map(|_| {
+                let rx = Arc::clone(&rx);
+                let error = Arc::clone(&error);
+                let (nc, nb, ncomp) = (
+                    Arc::clone(&new_chunks),
+                    Arc::clone(&new_bytes),
+                    Arc::clone(&new_comp),
+                );
+                let store = store.clone();
+                let tag = tag.to_string();
+                std::thread::spawn(move || {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((d, data)) = job else { return };
+                        match store.insert_chunk(&d, &data, level, &tag) {
+                            Ok(0) => {}
+                            Ok(c) => {
+                                nc.fetch_add(1, Ordering::Relaxed);
+                                nb.fetch_add(data.len() as u64, Ordering::Relaxed);
+                                ncomp.fetch_add(c, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                if let Ok(mut slot) = error.lock() {
+                                    slot.get_or_insert(e);
+                                }
+                                return;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Pool {
+            tx: Some(tx),
+            threads,
+            error,
+            new_chunks,
+            new_bytes,
+            new_comp,
+        }
+    }
+
+    fn take_error(&self) -> Option<Error> {
+        self.error.lock().ok().and_then(|mut e| e.take())
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        if let Some(e) = self.take_error() {
+            return Err(e);
+        }
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        if sent {
+            Ok(())
+        } else {
+            Err(self
+                .take_error()
+                .unwrap_or_else(|| Error::Invalid("chunk writer threads stopped".into())))
+        }
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        match self.take_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// The previous snapshot's catalog, read along with the walk.
+struct PrevCursor {
+    cat: CatalogReader,
+    peeked: Option<Member>,
+}
+
+impl PrevCursor {
+    fn lookup(&mut self, tree: u32, name: &[u8]) -> Result<Option<Member>> {
+        loop {
+            if self.peeked.is_none() {
+                self.peeked = self.cat.next_member()?;
+            }
+            let Some(p) = &self.peeked else {
+                return Ok(None);
+            };
+            if p.tree != tree {
+                if p.tree == DATA_TREE || p.tree < tree {
+                    self.peeked = None;
+                    continue;
+                }
+                return Ok(None);
+            }
+            match walk_order(&p.name, name) {
+                std::cmp::Ordering::Less => self.peeked = None,
+                std::cmp::Ordering::Equal => return Ok(self.peeked.take()),
+                std::cmp::Ordering::Greater => return Ok(None),
+            }
+        }
+    }
+}
+
+/// Everything of a running backup except the walker.
+struct State {
+    store: Store,
+    opts: BackupOptions,
+    catalog: CatalogWriter,
+    prev: Option<PrevCursor>,
+    tree: u32,
+    seen: HashSet<[u8; 32]>,
+    pool: Pool,
+    chunker: Chunker,
+    stats: BackupStats,
+    start_ns: i64,
+}
+
+/// Files changed within this time before the backup started may change
+/// again without a visible ctime change (timestamp granularity); they are
+/// not trusted by the next backup.
+const RACY_NS: i64 = 1_000_000_000;
+
+impl State {
+    fn emit(&mut self, m: &Member) -> Result<()> {
+        self.stats.members += 1;
+        self.stats.logical_size += m.stream_len()?;
+        self.catalog.push(m)
+    }
+
+    /// Hash a chunk and queue it for writing unless known.
+    fn add_chunk(&mut self, data: &[u8], out: &mut Vec<ChunkRef>) -> Result<()> {
+        let d = *blake3::hash(data).as_bytes();
+        out.push(ChunkRef {
+            digest: d,
+            len: u32::try_from(data.len()).unwrap_or(u32::MAX),
+        });
+        self.stats.chunks += 1;
+        if self.seen.insert(d) && !self.store.touch_chunk(&d)? {
+            self.pool.send((d, data.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    fn add_bytes(&mut self, data: &[u8]) -> Result<Vec<ChunkRef>> {
+        let mut chunks = Vec::new();
+        let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
+        let r = ch
+            .push(data, &mut |c| self.add_chunk(c, &mut chunks))
+            .and_then(|()| ch.finish(&mut |c| self.add_chunk(c, &mut chunks)));
+        self.chunker = ch;
+        r.map(|()| chunks)
+    }
+
+    /// The previous chunk list of an unchanged file, with every chunk
+    /// touched; `None` if the file must be read.
+    fn reusable(&mut self, h: &MemberHeader<'_>, key: &StatKey) -> Result<Option<Vec<ChunkRef>>> {
+        if self.opts.change_detection == ChangeDetection::Data {
+            return Ok(None);
+        }
+        let tree = self.tree;
+        let Some(prev) = self.prev.as_mut() else {
+            return Ok(None);
+        };
+        let Some(p) = prev.lookup(tree, h.name)? else {
+            return Ok(None);
+        };
+        let Some(pk) = p.key else { return Ok(None) };
+        let same = p.kind == MemberKind::Regular
+            && !p.racy
+            && pk.ino == key.ino
+            && pk.size == key.size
+            && pk.mtime_ns == key.mtime_ns
+            && pk.ctime_ns == key.ctime_ns
+            && pk.mode == key.mode
+            && pk.uid == key.uid
+            && pk.gid == key.gid
+            && p.size == h.size
+            && p.sparse.as_ref().map(|(s, r)| (*s, r.as_slice())) == h.sparse;
+        if !same {
+            return Ok(None);
+        }
+        for c in &p.chunks {
+            if !self.seen.contains(&c.digest) {
+                if !self.store.touch_chunk(&c.digest)? {
+                    return Ok(None);
+                }
+                self.seen.insert(c.digest);
+            }
+        }
+        Ok(Some(p.chunks))
+    }
+
+    fn file_inner(
+        &mut self,
+        h: &MemberHeader<'_>,
+        key: &StatKey,
+        data: &mut FileData<'_>,
+    ) -> Result<()> {
+        let mut m = Member::from_header(h, self.tree);
+        m.key = Some(*key);
+        m.racy = key.ctime_ns >= self.start_ns - RACY_NS || key.mtime_ns >= self.start_ns - RACY_NS;
+        self.stats.files += 1;
+        if let Some(chunks) = self.reusable(h, key)? {
+            self.stats.files_reused += 1;
+            self.stats.chunks += chunks.len() as u64;
+            m.chunks = chunks;
+        } else {
+            self.stats.files_read += 1;
+            let mut chunks = Vec::new();
+            let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
+            let mut err: Option<Error> = None;
+            let r = data.read(&mut |b| {
+                ch.push(b, &mut |c| self.add_chunk(c, &mut chunks))
+                    .map_err(|e| {
+                        let msg = e.to_string();
+                        err = Some(e);
+                        ArchiveError::Stream(std::io::Error::other(msg))
+                    })
+            });
+            if let Err(e) = r {
+                self.chunker = ch;
+                return Err(err.unwrap_or(Error::Archive(e)));
+            }
+            let r = ch.finish(&mut |c| self.add_chunk(c, &mut chunks));
+            self.chunker = ch;
+            r?;
+            m.chunks = chunks;
+        }
+        self.emit(&m)
+    }
+}
+
+fn to_archive(e: Error) -> ArchiveError {
+    match e {
+        Error::Archive(a) => a,
+        e => ArchiveError::Stream(std::io::Error::other(e.to_string())),
+    }
+}
+
+impl TreeSink for State {
+    fn entry(&mut self, h: &MemberHeader<'_>) -> vzkit_archive::Result<()> {
+        let m = Member::from_header(h, self.tree);
+        self.emit(&m).map_err(to_archive)
+    }
+
+    fn file(
+        &mut self,
+        h: &MemberHeader<'_>,
+        key: &StatKey,
+        data: &mut FileData<'_>,
+    ) -> vzkit_archive::Result<()> {
+        self.file_inner(h, key, data).map_err(to_archive)
+    }
+}
+
+/// A backup being written; dropped without [`Backup::finish`], its
+/// temporary snapshot directory is removed.
+pub struct Backup {
+    state: State,
+    walker: Walker,
+    tmp_dir: PathBuf,
+    snap: SnapshotRef,
+    config: Option<Vec<u8>>,
+    firewall: Option<Vec<u8>>,
+    started: Instant,
+    _writer: Writer,
+    _group_lock: LockFile,
+    done: bool,
+}
+
+impl std::fmt::Debug for Backup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backup")
+            .field("snapshot", &self.snap)
+            .field("tmp_dir", &self.tmp_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of a finished backup.
+#[derive(Debug, Clone)]
+pub struct BackupResult {
+    /// The new snapshot.
+    pub snapshot: SnapshotRef,
+    /// Counters.
+    pub stats: BackupStats,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+impl Backup {
+    /// Start a backup of group `opts.vmid`: takes the group lock, registers
+    /// the writer and opens the newest complete snapshot of the group as
+    /// the reference for change detection.
+    ///
+    /// # Errors
+    /// The group is locked (another backup or prune), the snapshot time
+    /// exists already, I/O errors.
+    pub fn start(store: &Store, opts: BackupOptions) -> Result<Backup> {
+        let gdir = store.group_dir(opts.vmid);
+        std::fs::create_dir_all(&gdir).map_err(|e| Error::io("mkdir", &gdir, e))?;
+        let group_lock = LockFile::try_lock(
+            &gdir.join(".lock"),
+            &format!("backup group ct/{}", opts.vmid),
+        )?;
+        let writer = store.register_writer()?;
+        let time = opts.time.unwrap_or(writer.start_ns / 1_000_000_000);
+        let snap = SnapshotRef {
+            vmid: opts.vmid,
+            time,
+        };
+        let final_dir = snap.path(store);
+        if final_dir.exists() {
+            return Err(Error::Invalid(format!(
+                "snapshot {} already exists",
+                snap.name()
+            )));
+        }
+        let prev = snapshot::list(store, Some(opts.vmid))?
+            .into_iter()
+            .rev()
+            .find(|s| s.snapshot.time < time);
+        let prev = match prev {
+            Some(p) => Some(PrevCursor {
+                cat: CatalogReader::open(&p.snapshot.path(store).join(snapshot::CATALOG))?,
+                peeked: None,
+            }),
+            None => None,
+        };
+        let tmp_dir = gdir.join(format!(".tmp-{}", writer.id));
+        std::fs::create_dir(&tmp_dir).map_err(|e| Error::io("mkdir", &tmp_dir, e))?;
+        let catalog = match CatalogWriter::create(&tmp_dir.join(snapshot::CATALOG)) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp_dir);
+                return Err(e);
+            }
+        };
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(2, usize::from)
+        } else {
+            opts.threads
+        };
+        let pool = Pool::new(store, threads, opts.level, &writer.id);
+        let start_ns = writer.start_ns;
+        Ok(Backup {
+            walker: Walker::new(opts.id_map.clone()),
+            state: State {
+                store: store.clone(),
+                chunker: Chunker::new(opts.chunk_sizes),
+                opts,
+                catalog,
+                prev,
+                tree: 0,
+                seen: HashSet::new(),
+                pool,
+                stats: BackupStats::default(),
+                start_ns,
+            },
+            tmp_dir,
+            snap,
+            config: None,
+            firewall: None,
+            started: Instant::now(),
+            _writer: writer,
+            _group_lock: group_lock,
+            done: false,
+        })
+    }
+
+    /// The snapshot this backup will create.
+    #[must_use]
+    pub fn snapshot(&self) -> SnapshotRef {
+        self.snap
+    }
+
+    /// Add a regular file member owned by 0:0 (`./etc/vzdump/pct.conf`), as
+    /// [`vzkit_archive::ArchiveWriter::append_data`] does. The members named
+    /// `./etc/vzdump/pct.conf` and `./etc/vzdump/pct.fw` are also kept as
+    /// the snapshot's `pct.conf` / `pct.fw`.
+    ///
+    /// # Errors
+    /// Invalid names, store errors.
+    pub fn add_data(&mut self, name: &str, data: &[u8], mode: u32, mtime: i64) -> Result<()> {
+        let h = MemberHeader {
+            name: name.as_bytes(),
+            kind: MemberKind::Regular,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime,
+            mtime_nsec: 0,
+            size: data.len() as u64,
+            link: None,
+            device: (0, 0),
+            sparse: None,
+            acl_access: None,
+            acl_default: None,
+            xattrs: &[],
+        };
+        header::encode(&h)?;
+        let mut m = Member::from_header(&h, DATA_TREE);
+        m.chunks = self.state.add_bytes(data)?;
+        match name {
+            "./etc/vzdump/pct.conf" => self.config = Some(data.to_vec()),
+            "./etc/vzdump/pct.fw" => self.firewall = Some(data.to_vec()),
+            _ => {}
+        }
+        self.state.emit(&m)
+    }
+
+    /// Add the tree at `src` under `member_prefix` (as
+    /// [`vzkit_archive::ArchiveWriter::append_tree`]).
+    ///
+    /// # Errors
+    /// Walk errors, store errors.
+    pub fn add_tree(
+        &mut self,
+        src: &Path,
+        member_prefix: &str,
+        excludes: &ExcludeSet,
+        one_file_system: bool,
+    ) -> Result<vzkit_archive::Stats> {
+        let st = self.walker.walk(
+            src,
+            member_prefix,
+            excludes,
+            one_file_system,
+            &mut self.state,
+        )?;
+        self.state.tree += 1;
+        self.state.stats.bytes_read += st.bytes_read;
+        for w in &st.warnings {
+            self.state.stats.warnings.push(w.clone());
+        }
+        Ok(st)
+    }
+
+    /// Wait for all chunks, write the catalog, config and manifest, sync
+    /// the file system and make the snapshot visible.
+    ///
+    /// # Errors
+    /// Store errors; the temporary directory is then removed.
+    pub fn finish(mut self) -> Result<BackupResult> {
+        self.state.pool.finish()?;
+        let st = &mut self.state;
+        st.stats.chunks_new = st.pool.new_chunks.load(Ordering::Relaxed);
+        st.stats.bytes_new = st.pool.new_bytes.load(Ordering::Relaxed);
+        st.stats.bytes_new_compressed = st.pool.new_comp.load(Ordering::Relaxed);
+        st.stats.logical_size += trailer(st.stats.logical_size).len() as u64;
+        let catalog = std::mem::replace(
+            &mut st.catalog,
+            CatalogWriter::create(Path::new("/dev/null"))?,
+        );
+        catalog.finish()?;
+        let mut parts = vec![snapshot::CATALOG];
+        if let Some(c) = &self.config {
+            let p = self.tmp_dir.join(snapshot::CONFIG);
+            std::fs::write(&p, c).map_err(|e| Error::io("write", &p, e))?;
+            parts.push(snapshot::CONFIG);
+        }
+        if let Some(c) = self.firewall.as_ref().filter(|c| !c.is_empty()) {
+            let p = self.tmp_dir.join(snapshot::FIREWALL);
+            std::fs::write(&p, c).map_err(|e| Error::io("write", &p, e))?;
+            parts.push(snapshot::FIREWALL);
+        }
+        snapshot::write_manifest(&self.tmp_dir, &self.snap, &parts, &self.state.stats)?;
+        self.state.store.sync()?;
+        let final_dir = self.snap.path(&self.state.store);
+        std::fs::rename(&self.tmp_dir, &final_dir)
+            .map_err(|e| Error::io("rename", &final_dir, e))?;
+        if let Some(g) = final_dir.parent()
+            && let Ok(f) = std::fs::File::open(g)
+        {
+            let _ = f.sync_all();
+        }
+        self.done = true;
+        Ok(BackupResult {
+            snapshot: self.snap,
+            stats: self.state.stats.clone(),
+            seconds: self.started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+impl Drop for Backup {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.state.pool.finish();
+            let _ = std::fs::remove_dir_all(&self.tmp_dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use vzkit_archive::ArchiveWriter;
+
+    use super::*;
+    use crate::snapshot::TarStream;
+
+    fn tree(root: &Path) {
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/small"), b"hello\n").unwrap();
+        let big: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(root.join("big"), &big).unwrap();
+        std::fs::write(root.join("a/copy"), &big).unwrap();
+        std::os::unix::fs::symlink("b/small", root.join("a/link")).unwrap();
+        std::fs::hard_link(root.join("a/b/small"), root.join("hard")).unwrap();
+        std::fs::write(root.join("empty"), b"").unwrap();
+    }
+
+    #[test]
+    fn snapshot_stream_is_the_archive_writer_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        tree(&src);
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir).unwrap();
+        let store = Store::open(&store_dir).unwrap();
+        let mut o = BackupOptions::new(100);
+        o.time = Some(1_700_000_000);
+        let mut b = Backup::start(&store, o).unwrap();
+        b.add_data(
+            "./etc/vzdump/pct.conf",
+            b"arch: amd64\n",
+            0o644,
+            1_700_000_000,
+        )
+        .unwrap();
+        b.add_data("./etc/vzdump/pct.fw", b"", 0o644, 1_700_000_000)
+            .unwrap();
+        b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        let r = b.finish().unwrap();
+        // The copy of `big` deduplicates: only one set of its chunks is new.
+        assert!(r.stats.bytes_new < 3_500_000, "{:?}", r.stats);
+
+        let mut w = ArchiveWriter::new(Vec::new());
+        w.append_data(
+            "./etc/vzdump/pct.conf",
+            b"arch: amd64\n",
+            0o644,
+            1_700_000_000,
+        )
+        .unwrap();
+        w.append_data("./etc/vzdump/pct.fw", b"", 0o644, 1_700_000_000)
+            .unwrap();
+        w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        let want = w.finish().unwrap();
+
+        let mut got = Vec::new();
+        TarStream::open(&store, &r.snapshot, true)
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "reconstructed stream differs");
+        assert_eq!(r.stats.logical_size, want.len() as u64);
+
+        // A second backup in the same second is refused and leaves nothing behind.
+        let mut o = BackupOptions::new(100);
+        o.time = Some(1_700_000_000);
+        let e = Backup::start(&store, o).unwrap_err().to_string();
+        assert!(e.contains("already exists"), "{e}");
+        let names: Vec<_> = std::fs::read_dir(store.group_dir(100))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".lock")
+            .collect();
+        assert_eq!(names, vec![r.snapshot.time_name()]);
+    }
+}

@@ -1,0 +1,838 @@
+//! Complete snapshots: listing, manifest, notes, protection, the tar
+//! stream a snapshot stands for (restore, export, single files) and
+//! removal.
+
+use std::collections::HashSet;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+use serde::{Deserialize, Serialize};
+use vzkit_archive::header::padding;
+use vzkit_archive::writer::trailer;
+use vzkit_archive::{ExtractOptions, ExtractReport, MemberKind, extract};
+
+use crate::backup::BackupStats;
+use crate::catalog::{CatalogReader, Member};
+use crate::error::{Error, Result};
+use crate::store::{LockFile, Store};
+
+/// Catalog file name.
+pub const CATALOG: &str = "catalog.zst";
+/// Container config file name.
+pub const CONFIG: &str = "pct.conf";
+/// Firewall config file name.
+pub const FIREWALL: &str = "pct.fw";
+/// Manifest file name.
+pub const MANIFEST: &str = "manifest.json";
+/// Verify state file name.
+pub const VERIFY_STATE: &str = "verify-state";
+/// Notes file name.
+pub const NOTES: &str = "notes";
+/// Protection marker file name.
+pub const PROTECTED: &str = "protected";
+
+/// A snapshot: group and time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SnapshotRef {
+    /// Container id.
+    pub vmid: u32,
+    /// Backup time, seconds since the epoch.
+    pub time: i64,
+}
+
+impl SnapshotRef {
+    /// The RFC 3339 UTC time (`2026-11-28T15:14:09Z`), the directory name.
+    #[must_use]
+    pub fn time_name(&self) -> String {
+        jiff::Timestamp::from_second(self.time)
+            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_else(|_| self.time.to_string())
+    }
+
+    /// `ct/<vmid>/<time>`.
+    #[must_use]
+    pub fn name(&self) -> String {
+        format!("ct/{}/{}", self.vmid, self.time_name())
+    }
+
+    /// Parse `ct/<vmid>/<time>` (also with a `backup/` prefix).
+    ///
+    /// # Errors
+    /// Anything else.
+    pub fn parse(s: &str) -> Result<SnapshotRef> {
+        let bad = || {
+            Error::Invalid(format!(
+                "invalid snapshot name '{s}' (expected ct/<vmid>/<RFC 3339 UTC time>)"
+            ))
+        };
+        let t = s.strip_prefix("backup/").unwrap_or(s);
+        let mut it = t.split('/');
+        let (Some("ct"), Some(id), Some(time), None) = (it.next(), it.next(), it.next(), it.next())
+        else {
+            return Err(bad());
+        };
+        let vmid: u32 = id.parse().map_err(|_| bad())?;
+        let time = parse_time(time).ok_or_else(bad)?;
+        Ok(SnapshotRef { vmid, time })
+    }
+
+    /// The snapshot's directory.
+    #[must_use]
+    pub fn path(&self, store: &Store) -> PathBuf {
+        store.group_dir(self.vmid).join(self.time_name())
+    }
+}
+
+fn parse_time(s: &str) -> Option<i64> {
+    let ts: jiff::Timestamp = s.parse().ok()?;
+    let r = SnapshotRef {
+        vmid: 0,
+        time: ts.as_second(),
+    };
+    (r.time_name() == s).then_some(ts.as_second())
+}
+
+/// One part listed in the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ManifestFile {
+    /// File name in the snapshot directory.
+    pub filename: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// blake3 (hex).
+    pub blake3: String,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Manifest {
+    /// `ct`.
+    pub backup_type: String,
+    /// The container id.
+    pub backup_id: String,
+    /// Seconds since the epoch.
+    pub backup_time: i64,
+    /// The parts.
+    pub files: Vec<ManifestFile>,
+    /// Size of the tar stream the snapshot stands for.
+    pub size: u64,
+    /// Counters of the backup.
+    pub stats: serde_json::Value,
+}
+
+/// `verify-state`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyState {
+    /// `ok` or `failed`.
+    pub state: String,
+    /// Seconds since the epoch.
+    pub time: i64,
+    /// Corrupt or missing chunks found.
+    #[serde(default, rename = "bad-chunks")]
+    pub bad_chunks: Vec<String>,
+}
+
+fn file_hash(p: &Path) -> Result<(u64, String)> {
+    let mut f = std::fs::File::open(p).map_err(|e| Error::io("open", p, e))?;
+    let mut h = blake3::Hasher::new();
+    let n = io::copy(&mut f, &mut h).map_err(|e| Error::io("read", p, e))?;
+    Ok((n, h.finalize().to_hex().to_string()))
+}
+
+/// Write `manifest.json` of a snapshot directory.
+pub(crate) fn write_manifest(
+    dir: &Path,
+    snap: &SnapshotRef,
+    parts: &[&str],
+    stats: &BackupStats,
+) -> Result<()> {
+    let mut files = Vec::new();
+    for p in parts {
+        let (size, blake3) = file_hash(&dir.join(p))?;
+        files.push(ManifestFile {
+            filename: (*p).to_string(),
+            size,
+            blake3,
+        });
+    }
+    let m = Manifest {
+        backup_type: "ct".into(),
+        backup_id: snap.vmid.to_string(),
+        backup_time: snap.time,
+        files,
+        size: stats.logical_size,
+        stats: serde_json::to_value(stats).unwrap_or_default(),
+    };
+    let p = dir.join(MANIFEST);
+    let text = serde_json::to_vec_pretty(&m).unwrap_or_default();
+    std::fs::write(&p, text).map_err(|e| Error::io("write", &p, e))
+}
+
+/// Read a snapshot's manifest.
+///
+/// # Errors
+/// Missing or malformed manifest.
+pub fn manifest(store: &Store, snap: &SnapshotRef) -> Result<Manifest> {
+    let p = snap.path(store).join(MANIFEST);
+    let b = std::fs::read(&p).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => {
+            Error::Invalid(format!("snapshot {} does not exist", snap.name()))
+        }
+        _ => Error::io("read", &p, e),
+    })?;
+    serde_json::from_slice(&b).map_err(|e| Error::Corrupt {
+        what: "manifest",
+        path: p,
+        message: e.to_string(),
+    })
+}
+
+/// Check the blake3 of every part against the manifest.
+///
+/// # Errors
+/// `Corrupt` naming the first mismatching part.
+pub fn check_manifest(store: &Store, snap: &SnapshotRef) -> Result<Manifest> {
+    let m = manifest(store, snap)?;
+    let dir = snap.path(store);
+    for f in &m.files {
+        let p = dir.join(&f.filename);
+        let (size, h) = file_hash(&p)?;
+        if size != f.size || h != f.blake3 {
+            return Err(Error::Corrupt {
+                what: "snapshot part",
+                path: p,
+                message: "size or blake3 differs from the manifest".into(),
+            });
+        }
+    }
+    Ok(m)
+}
+
+/// A listed snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    /// Which.
+    pub snapshot: SnapshotRef,
+    /// Size of its tar stream.
+    pub size: u64,
+    /// Notes.
+    pub notes: String,
+    /// Protected from pruning and removal.
+    pub protected: bool,
+    /// Last verification.
+    pub verify: Option<VerifyState>,
+}
+
+/// Complete snapshots (of one group or all), oldest first.
+///
+/// # Errors
+/// Unreadable directories.
+pub fn list(store: &Store, vmid: Option<u32>) -> Result<Vec<SnapshotInfo>> {
+    let mut groups = Vec::new();
+    match vmid {
+        Some(v) => groups.push(v),
+        None => {
+            let ct = store.root().join("ct");
+            for e in std::fs::read_dir(&ct).map_err(|e| Error::io("read directory", &ct, e))? {
+                let e = e.map_err(|e| Error::io("read directory", &ct, e))?;
+                if let Some(v) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    groups.push(v);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for vmid in groups {
+        let g = store.group_dir(vmid);
+        let rd = match std::fs::read_dir(&g) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("read directory", &g, e)),
+        };
+        for e in rd {
+            let e = e.map_err(|e| Error::io("read directory", &g, e))?;
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let Some(time) = parse_time(&name) else {
+                continue;
+            };
+            let snap = SnapshotRef { vmid, time };
+            let Ok(m) = manifest(store, &snap) else {
+                continue;
+            };
+            out.push(SnapshotInfo {
+                snapshot: snap,
+                size: m.size,
+                notes: notes(store, &snap)?,
+                protected: e.path().join(PROTECTED).exists(),
+                verify: verify_state(store, &snap),
+            });
+        }
+    }
+    out.sort_by_key(|s| s.snapshot);
+    Ok(out)
+}
+
+/// The directories of all complete snapshots (named by their time, not hidden), whether or
+/// not their manifest is readable.
+///
+/// # Errors
+/// Unreadable directories.
+pub fn snapshot_dirs(store: &Store) -> Result<Vec<PathBuf>> {
+    let ct = store.root().join("ct");
+    let mut out = Vec::new();
+    for g in std::fs::read_dir(&ct).map_err(|e| Error::io("read directory", &ct, e))? {
+        let g = g.map_err(|e| Error::io("read directory", &ct, e))?.path();
+        if !g.is_dir() {
+            continue;
+        }
+        for e in std::fs::read_dir(&g).map_err(|e| Error::io("read directory", &g, e))? {
+            let e = e.map_err(|e| Error::io("read directory", &g, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if parse_time(&name).is_some() && e.path().join(CATALOG).exists() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn require(store: &Store, snap: &SnapshotRef) -> Result<PathBuf> {
+    let d = snap.path(store);
+    if !d.join(MANIFEST).exists() {
+        return Err(Error::Invalid(format!(
+            "snapshot {} does not exist",
+            snap.name()
+        )));
+    }
+    Ok(d)
+}
+
+fn write_atomic(p: &Path, data: &[u8]) -> Result<()> {
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, p).map_err(|e| Error::io("rename", p, e))
+}
+
+/// The notes of a snapshot (empty if none).
+///
+/// # Errors
+/// Read errors.
+pub fn notes(store: &Store, snap: &SnapshotRef) -> Result<String> {
+    let p = snap.path(store).join(NOTES);
+    match std::fs::read_to_string(&p) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(Error::io("read", p, e)),
+    }
+}
+
+/// Set (or with an empty string remove) the notes.
+///
+/// # Errors
+/// Missing snapshot, write errors.
+pub fn set_notes(store: &Store, snap: &SnapshotRef, text: &str) -> Result<()> {
+    let p = require(store, snap)?.join(NOTES);
+    if text.is_empty() {
+        return match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", p, e)),
+        };
+    }
+    write_atomic(&p, text.as_bytes())
+}
+
+/// Is the snapshot protected?
+#[must_use]
+pub fn is_protected(store: &Store, snap: &SnapshotRef) -> bool {
+    snap.path(store).join(PROTECTED).exists()
+}
+
+/// Set or clear protection.
+///
+/// # Errors
+/// Missing snapshot, write errors.
+pub fn set_protected(store: &Store, snap: &SnapshotRef, on: bool) -> Result<()> {
+    let p = require(store, snap)?.join(PROTECTED);
+    if on {
+        std::fs::write(&p, b"").map_err(|e| Error::io("write", &p, e))
+    } else {
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", p, e)),
+        }
+    }
+}
+
+/// The last verification of a snapshot.
+#[must_use]
+pub fn verify_state(store: &Store, snap: &SnapshotRef) -> Option<VerifyState> {
+    let b = std::fs::read(snap.path(store).join(VERIFY_STATE)).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+pub(crate) fn write_verify_state(store: &Store, snap: &SnapshotRef, v: &VerifyState) -> Result<()> {
+    let p = snap.path(store).join(VERIFY_STATE);
+    write_atomic(&p, &serde_json::to_vec_pretty(v).unwrap_or_default())
+}
+
+/// Remove a snapshot (not if protected). Its chunks go with the next
+/// garbage collection.
+///
+/// # Errors
+/// Protected or missing snapshot, the group is locked, I/O errors.
+pub fn remove(store: &Store, snap: &SnapshotRef) -> Result<()> {
+    let d = require(store, snap)?;
+    if is_protected(store, snap) {
+        return Err(Error::Invalid(format!(
+            "snapshot {} is protected",
+            snap.name()
+        )));
+    }
+    let _lock = LockFile::try_lock(
+        &store.group_dir(snap.vmid).join(".lock"),
+        &format!("backup group ct/{}", snap.vmid),
+    )?;
+    // Hide it first, so that a partial removal is never listed.
+    let hidden = store
+        .group_dir(snap.vmid)
+        .join(format!(".del-{}", snap.time_name()));
+    std::fs::rename(&d, &hidden).map_err(|e| Error::io("rename", &d, e))?;
+    std::fs::remove_dir_all(&hidden).map_err(|e| Error::io("remove", &hidden, e))
+}
+
+/// The container config stored with a snapshot.
+///
+/// # Errors
+/// Missing snapshot or config.
+pub fn config(store: &Store, snap: &SnapshotRef) -> Result<Vec<u8>> {
+    let p = require(store, snap)?.join(CONFIG);
+    std::fs::read(&p).map_err(|e| Error::io("read", p, e))
+}
+
+/// Open the catalog of a snapshot.
+///
+/// # Errors
+/// Missing snapshot.
+pub fn catalog(store: &Store, snap: &SnapshotRef) -> Result<CatalogReader> {
+    CatalogReader::open(&require(store, snap)?.join(CATALOG))
+}
+
+/// A file whose data could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileFailure {
+    /// The member name.
+    pub member: String,
+    /// Why.
+    pub error: String,
+    /// Size and mtime the restored file has (to recognize it).
+    written: (u64, i64),
+}
+
+/// A member filter of [`TarStream`] and [`restore`].
+pub type Filter = Box<dyn FnMut(&Member) -> bool + Send>;
+
+/// Chunk reads (and decompressed chunks) in flight ahead of the reader.
+const READ_AHEAD: usize = 32;
+
+/// What the catalog thread hands to the reader, in stream order.
+enum Item {
+    /// Header blocks (and the padding of a member without chunks).
+    Bytes(Vec<u8>),
+    /// One chunk of a member, being read by a worker.
+    Chunk {
+        member: String,
+        /// Real size and mtime of the member (to recognize the restored file).
+        written: (u64, i64),
+        len: u32,
+        /// Padding after this chunk (the member's last chunk only).
+        pad: usize,
+        rx: std::sync::mpsc::Receiver<Result<Vec<u8>>>,
+    },
+    /// The catalog could not be read.
+    Failed(String),
+    End,
+}
+
+type ChunkJob = (
+    crate::catalog::ChunkRef,
+    std::sync::mpsc::SyncSender<Result<Vec<u8>>>,
+);
+
+/// The tar stream a snapshot stands for, reconstructed from its catalog
+/// and chunks: byte for byte what `ArchiveWriter` wrote for the same tree.
+/// A thread reads the catalog and a pool (one thread per CPU) reads,
+/// decompresses and checks up to 32 chunks ahead of the reader.
+pub struct TarStream {
+    rx: std::sync::mpsc::Receiver<Item>,
+    buf: Vec<u8>,
+    pos: usize,
+    written: u64,
+    done: bool,
+    strict: bool,
+    /// Files whose data could not be read (only when not strict: their
+    /// content is replaced by zeros in the stream).
+    pub failures: Vec<FileFailure>,
+}
+
+impl std::fmt::Debug for TarStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TarStream")
+            .field("written", &self.written)
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+fn produce(
+    mut cat: CatalogReader,
+    mut filter: Option<Filter>,
+    out: &std::sync::mpsc::SyncSender<Item>,
+    jobs: &std::sync::mpsc::SyncSender<ChunkJob>,
+) -> std::result::Result<(), ()> {
+    loop {
+        let m = match cat.next_member() {
+            Ok(Some(m)) => m,
+            Ok(None) => return out.send(Item::End).map_err(|_| ()),
+            Err(e) => return out.send(Item::Failed(e.to_string())).map_err(|_| ()),
+        };
+        if let Some(f) = &mut filter
+            && !f(&m)
+        {
+            continue;
+        }
+        let mut head = match m.encode_header() {
+            Ok(h) => h,
+            Err(e) => return out.send(Item::Failed(e.to_string())).map_err(|_| ()),
+        };
+        if m.chunks.is_empty() {
+            head.resize(head.len() + padding(m.size), 0);
+        }
+        out.send(Item::Bytes(head)).map_err(|_| ())?;
+        let member = m.name_lossy();
+        let written = (m.sparse.as_ref().map_or(m.size, |(s, _)| *s), m.mtime);
+        let n = m.chunks.len();
+        for (i, c) in m.chunks.iter().enumerate() {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            jobs.send((*c, tx)).map_err(|_| ())?;
+            out.send(Item::Chunk {
+                member: member.clone(),
+                written,
+                len: c.len,
+                pad: if i + 1 == n { padding(m.size) } else { 0 },
+                rx,
+            })
+            .map_err(|_| ())?;
+        }
+    }
+}
+
+impl TarStream {
+    /// The stream of `snap`. `strict`: a bad chunk is a read error naming
+    /// the file; otherwise its bytes are zeros and the file is listed in
+    /// [`TarStream::failures`].
+    ///
+    /// # Errors
+    /// Missing snapshot.
+    pub fn open(store: &Store, snap: &SnapshotRef, strict: bool) -> Result<TarStream> {
+        Self::open_filtered(store, snap, strict, None)
+    }
+
+    /// As [`TarStream::open`], emitting only members for which `filter` is true.
+    ///
+    /// # Errors
+    /// Missing snapshot.
+    pub fn open_filtered(
+        store: &Store,
+        snap: &SnapshotRef,
+        strict: bool,
+        filter: Option<Filter>,
+    ) -> Result<TarStream> {
+        let cat = catalog(store, snap)?;
+        let (out_tx, rx) = std::sync::mpsc::sync_channel::<Item>(READ_AHEAD);
+        let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<ChunkJob>(READ_AHEAD);
+        let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
+        let workers = std::thread::available_parallelism().map_or(2, usize::from);
+        for _ in 0..workers {
+            let job_rx = std::sync::Arc::clone(&job_rx);
+            let store = store.clone();
+            std::thread::spawn(move || {
+                loop {
+                    let job = match job_rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((c, tx)) = job else { return };
+                    let _ = tx.send(store.read_chunk(&c.digest, c.len));
+                }
+            });
+        }
+        std::thread::spawn(move || {
+            let _ = produce(cat, filter, &out_tx, &job_tx);
+        });
+        Ok(TarStream {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+            written: 0,
+            done: false,
+            strict,
+            failures: Vec::new(),
+        })
+    }
+
+    fn fill(&mut self) -> io::Result<()> {
+        self.buf.clear();
+        self.pos = 0;
+        let item = self
+            .rx
+            .recv()
+            .unwrap_or_else(|_| Item::Failed("catalog reader stopped".into()));
+        match item {
+            Item::Bytes(b) => self.buf = b,
+            Item::Chunk {
+                member,
+                written,
+                len,
+                pad,
+                rx,
+            } => {
+                let res = rx
+                    .recv()
+                    .unwrap_or_else(|_| Err(Error::Invalid("chunk reader stopped".into())));
+                match res {
+                    Ok(d) => self.buf = d,
+                    Err(e) => {
+                        if self.strict {
+                            return Err(io::Error::other(format!("file '{member}': {e}")));
+                        }
+                        if self.failures.last().is_none_or(|f| f.member != member) {
+                            self.failures.push(FileFailure {
+                                member,
+                                error: e.to_string(),
+                                written,
+                            });
+                        }
+                        self.buf.resize(len as usize, 0);
+                    }
+                }
+                let n = self.buf.len() + pad;
+                self.buf.resize(n, 0);
+            }
+            Item::Failed(e) => return Err(io::Error::other(e)),
+            Item::End => {
+                self.buf = trailer(self.written);
+                self.done = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for TarStream {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            self.fill()?;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        self.written += n as u64;
+        Ok(n)
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreReport {
+    /// The extraction.
+    pub extract: ExtractReport,
+    /// Files not restored because their data is damaged (removed again
+    /// from the target).
+    pub failed: Vec<FileFailure>,
+}
+
+/// Restore a snapshot (or, with `filter`, part of it) below `target` with
+/// [`vzkit_archive::extract()`]. Files whose chunks are damaged are not
+/// left behind; they are listed in the report and the rest is restored.
+///
+/// # Errors
+/// Missing snapshot, extraction errors.
+pub fn restore(
+    store: &Store,
+    snap: &SnapshotRef,
+    target: &Path,
+    opts: &ExtractOptions,
+    filter: Option<Filter>,
+) -> Result<RestoreReport> {
+    let mut s = TarStream::open_filtered(store, snap, false, filter)?;
+    let report = extract(&mut s, target, opts)?;
+    let failed = std::mem::take(&mut s.failures);
+    for f in &failed {
+        remove_member(target, f.member.as_bytes(), f.written)?;
+    }
+    Ok(RestoreReport {
+        extract: report,
+        failed,
+    })
+}
+
+/// Remove the regular file `member` below `root` without following
+/// symbolic links, if it is the one the restore wrote (size and mtime as
+/// in the snapshot; a file that existed before and was kept is left alone).
+fn remove_member(root: &Path, member: &[u8], written: (u64, i64)) -> Result<()> {
+    let comps: Vec<&[u8]> = member
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+        .collect();
+    let Some((leaf, dirs)) = comps.split_last() else {
+        return Ok(());
+    };
+    if comps.contains(&&b".."[..]) {
+        return Ok(());
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir: OwnedFd = rustix::fs::open(root, flags, Mode::empty())
+        .map_err(|e| Error::io("open", root, e.into()))?;
+    for c in dirs {
+        dir = match rustix::fs::openat(&dir, *c, flags, Mode::empty()) {
+            Ok(d) => d,
+            Err(_) => return Ok(()),
+        };
+    }
+    let Ok(st) = rustix::fs::statat(&dir, *leaf, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) else {
+        return Ok(());
+    };
+    #[allow(clippy::unnecessary_cast)]
+    let ours = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+        && u64::try_from(st.st_size).ok() == Some(written.0)
+        && st.st_mtime as i64 == written.1;
+    if !ours {
+        return Ok(());
+    }
+    match rustix::fs::unlinkat(&dir, *leaf, rustix::fs::AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(Error::io(
+            "remove",
+            root.join(String::from_utf8_lossy(member).as_ref()),
+            e.into(),
+        )),
+    }
+}
+
+/// Write the snapshot as a `.tar.zst` archive (as vzdump writes it).
+///
+/// # Errors
+/// Damaged chunks (naming the file), write errors. A partial output is removed.
+pub fn export(store: &Store, snap: &SnapshotRef, out: &Path, level: i32) -> Result<u64> {
+    let mut s = TarStream::open(store, snap, true)?;
+    let res = (|| {
+        let f = std::fs::File::create(out).map_err(|e| Error::io("create", out, e))?;
+        let mut enc = zstd::stream::write::Encoder::new(f, level)
+            .map_err(|e| Error::io("compress", out, e))?;
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let _ = enc.multithread(u32::try_from(threads).unwrap_or(1));
+        let n = io::copy(&mut s, &mut enc).map_err(|e| Error::io("export to", out, e))?;
+        let f = enc.finish().map_err(|e| Error::io("write", out, e))?;
+        f.sync_all().map_err(|e| Error::io("fsync", out, e))?;
+        Ok(n)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(out);
+    }
+    res
+}
+
+/// The members at or below `path` (a member name like `./etc` or `etc`;
+/// empty: all), in stream order.
+///
+/// # Errors
+/// Missing snapshot, corrupt catalog.
+pub fn files(
+    store: &Store,
+    snap: &SnapshotRef,
+    path: &str,
+    out: &mut dyn FnMut(&Member) -> Result<()>,
+) -> Result<()> {
+    let want = normalize(path);
+    for m in catalog(store, snap)? {
+        let m = m?;
+        if under(&m.name, &want) {
+            out(&m)?;
+        }
+    }
+    Ok(())
+}
+
+fn normalize(path: &str) -> Vec<u8> {
+    let p = path
+        .trim_start_matches("./")
+        .trim_start_matches('/')
+        .trim_end_matches('/');
+    if p.is_empty() || p == "." {
+        Vec::new()
+    } else {
+        format!("./{p}").into_bytes()
+    }
+}
+
+fn under(name: &[u8], want: &[u8]) -> bool {
+    if want.is_empty() {
+        return true;
+    }
+    let n = name.strip_suffix(b"/").unwrap_or(name);
+    n == want || (n.starts_with(want) && n.get(want.len()) == Some(&b'/'))
+}
+
+/// Extract the member `path` (a file or a whole directory) of a snapshot
+/// into the directory `dest`, keeping the member's path below it.
+///
+/// # Errors
+/// No such member, extraction errors.
+pub fn extract_path(
+    store: &Store,
+    snap: &SnapshotRef,
+    path: &str,
+    dest: &Path,
+) -> Result<RestoreReport> {
+    let want = normalize(path);
+    let mut found = false;
+    files(store, snap, path, &mut |_| {
+        found = true;
+        Ok(())
+    })?;
+    if !found {
+        return Err(Error::Invalid(format!(
+            "'{path}' not found in snapshot {}",
+            snap.name()
+        )));
+    }
+    let opts = ExtractOptions {
+        allow_devices: true,
+        ..ExtractOptions::default()
+    };
+    // Hard links to members outside the selection cannot be made; their
+    // data is in the first name only.
+    let mut names: HashSet<Vec<u8>> = HashSet::new();
+    let filter = move |m: &Member| {
+        if !under(&m.name, &want) {
+            return false;
+        }
+        if m.kind == MemberKind::HardLink && !m.link.as_ref().is_some_and(|l| names.contains(l)) {
+            return false;
+        }
+        names.insert(m.name.clone());
+        true
+    };
+    restore(store, snap, dest, &opts, Some(Box::new(filter)))
+}

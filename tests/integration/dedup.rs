@@ -1,0 +1,731 @@
+//! The deduplicating backup store (`vzkit-store`, crate `vzkit-dedup`) on real trees: restores
+//! compared exactly with the source, exports compared byte for byte with vzdump's tar stream,
+//! incremental change detection, and faults (kill -9 of backups and garbage collections,
+//! corrupted chunks, backups running during a garbage collection).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vzkit_archive::{ArchiveWriter, ExcludeSet};
+
+use crate::common;
+use crate::restore::{Skips, compare_trees};
+
+const CONF: &[u8] =
+    b"arch: amd64\nhostname: ct100\nmemory: 512\nrootfs: local:100/vm-100-disk-0.raw,size=1G\n";
+const CONF_MTIME: i64 = 1_700_000_000;
+
+/// A store directory plus helpers running `vzkit-store` on it.
+struct Env {
+    _dir: tempfile::TempDir,
+    store: PathBuf,
+    work: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("vzkit-dedup-")
+            .tempdir()
+            .unwrap();
+        let store = dir.path().join("store");
+        let work = dir.path().join("work");
+        fs::create_dir(&store).unwrap();
+        fs::create_dir(&work).unwrap();
+        fs::write(work.join("pct.conf"), CONF).unwrap();
+        Env {
+            _dir: dir,
+            store,
+            work,
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(vzkit_tests::bin("vzkit-store"));
+        c.arg("--store").arg(&self.store).args(args);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "vzkit-store {args:?} failed: {}\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn backup_args(&self, src: &Path, time: i64, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "backup".into(),
+            "100".into(),
+            src.display().to_string(),
+            "--conf".into(),
+            self.work.join("pct.conf").display().to_string(),
+            "--conf-mtime".into(),
+            CONF_MTIME.to_string(),
+            "--time".into(),
+            time.to_string(),
+        ];
+        a.extend(extra.iter().map(|s| (*s).to_string()));
+        a
+    }
+
+    /// Back up `src` as snapshot `time`; the backup's statistics.
+    fn backup(&self, src: &Path, time: i64, extra: &[&str]) -> Value {
+        let a = self.backup_args(src, time, extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    fn spawn_backup(&self, src: &Path, time: i64, extra: &[&str]) -> Child {
+        let a = self.backup_args(src, time, extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        self.cmd(&a)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn snapshots(&self) -> Vec<String> {
+        let v: Value = serde_json::from_str(&self.ok(&["list"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["snapshot"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn gc(&self, grace: &str) -> Value {
+        serde_json::from_str(&self.ok(&["garbage-collect", "--grace", grace])).unwrap()
+    }
+
+    /// Chunk files (not temporary, not swept or bad ones).
+    fn chunk_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let root = self.store.join(".chunks");
+        let list = |p: &Path| fs::read_dir(p).into_iter().flatten().flatten();
+        for a in list(&root) {
+            for c in list(&a.path()) {
+                let n = c.file_name().to_string_lossy().into_owned();
+                if n.len() == 64 {
+                    out.push(c.path());
+                }
+            }
+        }
+        out
+    }
+
+    fn chunk_path(&self, data: &[u8]) -> PathBuf {
+        let h = blake3::hash(data).to_hex().to_string();
+        self.store.join(".chunks").join(&h[..2]).join(&h)
+    }
+
+    fn restore(&self, snap: &str, target: &Path) {
+        fs::create_dir_all(target).unwrap();
+        self.ok(&["restore", snap, &target.display().to_string()]);
+    }
+}
+
+fn snap_name(time: i64) -> String {
+    let t = jiff::Timestamp::from_second(time).unwrap();
+    format!("ct/100/{}", t.strftime("%Y-%m-%dT%H:%M:%SZ"))
+}
+
+fn skips() -> Skips {
+    Skips {
+        meta: vec![b"", b"etc"],
+        extra: vec![b"etc/vzdump"],
+    }
+}
+
+fn num(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// The tar stream vzdump writes for `src` with the test config.
+fn vzdump_tar(src: &Path) -> Vec<u8> {
+    let mut w = ArchiveWriter::new(Vec::new());
+    w.append_data("./etc/vzdump/pct.conf", CONF, 0o644, CONF_MTIME)
+        .unwrap();
+    w.append_data("./etc/vzdump/pct.fw", b"", 0o644, CONF_MTIME)
+        .unwrap();
+    w.append_tree(src, "./", &ExcludeSet::new(), true).unwrap();
+    w.finish().unwrap()
+}
+
+/// Distinct pseudo-random bytes per seed (`common::noise` ignores the lowest seed bit).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    common::noise(len, seed << 1)
+}
+
+/// A tree of `n` files of `size` pseudo-random bytes in a few directories.
+fn bulk_tree(root: &Path, n: usize, size: usize, seed: u64) {
+    fs::create_dir_all(root.join("etc")).unwrap();
+    for i in 0..n {
+        let d = root.join(format!("d{}", i % 10));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join(format!("f{i}")), noise(size, seed + i as u64)).unwrap();
+    }
+}
+
+/// Files changed within a second before a backup are not trusted by the next one.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(1100));
+}
+
+#[test]
+#[ignore = "needs root: fixture with owners, devices, ACLs; restores as root"]
+fn backup_restores_exactly_and_exports_the_vzdump_tar() {
+    let scratch = common::Scratch::new();
+    let env = Env::new();
+    let src = scratch.subdir("src");
+    common::build_fixture(&src);
+    let st = env.backup(&src, 1_700_000_100, &[]);
+    assert!(num(&st, "chunks-new") > 0, "{st}");
+    let snaps = env.snapshots();
+    assert_eq!(snaps, vec![snap_name(1_700_000_100)]);
+
+    let dst = scratch.subdir("dst");
+    env.restore(&snaps[0], &dst);
+    compare_trees(&src, &dst, 0, &skips());
+
+    let tar = vzdump_tar(&src);
+    assert_eq!(num(&st, "logical-size"), tar.len() as u64);
+    let out = env.work.join("export.tar.zst");
+    env.ok(&["export", &snaps[0], &out.display().to_string()]);
+    let mut exported = Vec::new();
+    zstd::stream::read::Decoder::new(fs::File::open(&out).unwrap())
+        .unwrap()
+        .read_to_end(&mut exported)
+        .unwrap();
+    assert!(exported == tar, "export differs from the vzdump tar stream");
+    // GNU tar reads it too.
+    common::run(Command::new("tar").arg("--zstd").arg("-tf").arg(&out));
+
+    // Stored config, listing and single-file extraction.
+    assert_eq!(env.ok(&["extractconfig", &snaps[0]]).as_bytes(), CONF);
+    let files = env.ok(&["files", &snaps[0], "usr/bin"]);
+    assert!(files.contains("./usr/bin/suid"), "{files}");
+    assert!(!files.contains("./etc/hostname"), "{files}");
+    let one = scratch.subdir("one");
+    env.ok(&[
+        "extract-file",
+        &snaps[0],
+        "./usr/bin/big",
+        &one.display().to_string(),
+    ]);
+    assert_eq!(
+        fs::read(one.join("usr/bin/big")).unwrap(),
+        fs::read(src.join("usr/bin/big")).unwrap()
+    );
+    let missing = env.run(&[
+        "extract-file",
+        &snaps[0],
+        "./no/such",
+        &one.display().to_string(),
+    ]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
+}
+
+#[test]
+#[ignore = "needs root: restores with an id map (chown to 100000+)"]
+fn unprivileged_restore_maps_owners() {
+    let scratch = common::Scratch::new();
+    let env = Env::new();
+    let src = scratch.subdir("src");
+    common::build_fixture(&src);
+    for f in ["null", "blk", "owned-big-id"] {
+        fs::remove_file(src.join(f)).unwrap();
+    }
+    env.backup(&src, 1_700_000_100, &[]);
+    let dst = scratch.subdir("dst");
+    env.ok(&[
+        "restore",
+        &snap_name(1_700_000_100),
+        &dst.display().to_string(),
+        "--unprivileged",
+    ]);
+    compare_trees(&src, &dst, 100_000, &skips());
+}
+
+#[test]
+#[ignore = "needs root: the store tests run with the other root-only integration tests"]
+fn incremental_backup_reads_only_changed_files() {
+    let env = Env::new();
+    let src = env.work.join("src");
+    bulk_tree(&src, 40, 300_000, 1);
+    fs::write(src.join("big"), common::noise(6 << 20, 99)).unwrap();
+    settle();
+    let first = env.backup(&src, 1_700_000_000, &[]);
+    assert_eq!(num(&first, "files"), 41);
+    assert_eq!(num(&first, "files-read"), 41);
+
+    // Unchanged: nothing is read, nothing is written.
+    let same = env.backup(&src, 1_700_000_010, &[]);
+    assert_eq!(num(&same, "files-read"), 0, "{same}");
+    assert_eq!(num(&same, "bytes-read"), 0, "{same}");
+    assert_eq!(num(&same, "files-reused"), 41);
+    assert_eq!(num(&same, "chunks-new"), 0);
+
+    // Two changes: an append, and a same-size rewrite whose mtime is put back.
+    let appended = src.join("d1/f1");
+    let mut f = fs::OpenOptions::new().append(true).open(&appended).unwrap();
+    std::io::Write::write_all(&mut f, b"appended").unwrap();
+    drop(f);
+    let sneaky = src.join("d2/f2");
+    let mut data = fs::read(&sneaky).unwrap();
+    data[1000] ^= 0xff;
+    fs::write(&sneaky, &data).unwrap();
+    common::run(
+        Command::new("touch")
+            .arg("-d")
+            .arg("@1600000000.123456789")
+            .arg(&sneaky),
+    );
+    common::run(
+        Command::new("touch")
+            .arg("-d")
+            .arg("@1600000000.123456789")
+            .arg(src.join("d3/f3")),
+    );
+    let ino_before = std::os::unix::fs::MetadataExt::ino(&fs::metadata(src.join("d3/f3")).unwrap());
+    let changed = env.backup(&src, 1_700_000_020, &[]);
+    assert_eq!(num(&changed, "files-read"), 3, "{changed}");
+    assert_eq!(
+        num(&changed, "bytes-read"),
+        300_008 + 300_000 + 300_000,
+        "{changed}"
+    );
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&fs::metadata(src.join("d3/f3")).unwrap()),
+        ino_before
+    );
+    // Only the two changed files produce new chunks (f3's content is unchanged).
+    assert_eq!(num(&changed, "chunks-new"), 2, "{changed}");
+    let dst = env.work.join("r2");
+    env.restore(&snap_name(1_700_000_020), &dst);
+    compare_trees(&src, &dst, 0, &skips());
+
+    // A renamed big file is read again (new name) but deduplicates completely.
+    settle();
+    fs::rename(src.join("big"), src.join("d9/big-renamed")).unwrap();
+    let renamed = env.backup(&src, 1_700_000_030, &[]);
+    // The three files changed just before the last backup are read again (racy rule).
+    assert_eq!(num(&renamed, "files-read"), 4, "{renamed}");
+    assert_eq!(
+        num(&renamed, "bytes-read"),
+        (6 << 20) + 900_008,
+        "{renamed}"
+    );
+    assert_eq!(num(&renamed, "chunks-new"), 0, "{renamed}");
+
+    // --change-detection data reads everything.
+    settle();
+    let full = env.backup(&src, 1_700_000_040, &["--change-detection", "data"]);
+    assert_eq!(num(&full, "files-read"), 41, "{full}");
+    assert_eq!(num(&full, "chunks-new"), 0, "{full}");
+    let dst = env.work.join("r4");
+    env.restore(&snap_name(1_700_000_040), &dst);
+    compare_trees(&src, &dst, 0, &skips());
+    let bad = env.run(
+        &env.backup_args(&src, 1_700_000_050, &["--change-detection", "mtime"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid change detection mode"));
+}
+
+/// Wait until `pred` holds (or panic after 60 s).
+fn wait_for(what: &str, mut pred: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !pred() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn kill9(child: &mut Child) {
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "process ended before it was killed"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+#[ignore = "needs root: the store tests run with the other root-only integration tests"]
+fn killed_backup_leaves_no_snapshot_and_gc_removes_its_chunks() {
+    let env = Env::new();
+    let src = env.work.join("src");
+    bulk_tree(&src, 200, 1 << 20, 7);
+    let mut child = env.spawn_backup(&src, 1_700_000_000, &[]);
+    wait_for("the first chunks", || env.chunk_files().len() >= 5);
+    kill9(&mut child);
+    assert!(env.snapshots().is_empty());
+    let orphans = env.chunk_files().len();
+    assert!(orphans >= 5);
+    let tmp: Vec<_> = fs::read_dir(env.store.join("ct/100"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .collect();
+    assert_eq!(tmp.len(), 1, "the killed backup's temporary snapshot");
+    // Within the grace period no chunk goes; the dead writer's directory does.
+    let kept = env.gc("3600");
+    assert_eq!(num(&kept, "chunks-removed"), 0, "{kept}");
+    assert_eq!(num(&kept, "stale-snapshots-removed"), 1, "{kept}");
+    settle();
+    let r = env.gc("0");
+    assert_eq!(num(&r, "chunks-removed") as usize, orphans, "{r}");
+    assert!(env.chunk_files().is_empty());
+    assert_eq!(
+        fs::read_dir(env.store.join("ct/100"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name() != ".lock")
+            .count(),
+        0
+    );
+    // The group is usable again.
+    let st = env.backup(&src, 1_700_000_100, &[]);
+    assert_eq!(num(&st, "files-read"), 200);
+    let out = env.ok(&["verify"]);
+    assert!(out.contains(": ok"), "{out}");
+}
+
+#[test]
+#[ignore = "needs root: the store tests run with the other root-only integration tests"]
+fn killed_gc_loses_no_referenced_chunk() {
+    let env = Env::new();
+    let src = env.work.join("src");
+    // Many small files: one chunk each, so marking and sweeping take a while.
+    bulk_tree(&src, 3000, 2000, 11);
+    env.backup(&src, 1_700_000_000, &[]);
+    // A second version with a third of the files replaced; then the first is removed,
+    // so the sweep has garbage to remove.
+    for i in (0..3000).step_by(3) {
+        fs::write(
+            src.join(format!("d{}/f{i}", i % 10)),
+            noise(2000, 50_000 + i as u64),
+        )
+        .unwrap();
+    }
+    env.backup(&src, 1_700_000_010, &[]);
+    env.ok(&["remove", &snap_name(1_700_000_000)]);
+    settle();
+    let mut killed = 0;
+    for delay in [0u64, 10, 30, 60, 100, 200] {
+        let mut gc = env
+            .cmd(&["garbage-collect", "--grace", "0"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        if gc.try_wait().unwrap().is_some() {
+            break;
+        }
+        killed += 1;
+        gc.kill().unwrap();
+        gc.wait().unwrap();
+        let out = env.ok(&["verify"]);
+        assert!(
+            out.contains(": ok") && !out.contains("FAILED"),
+            "after kill at {delay} ms: {out}"
+        );
+    }
+    assert!(killed >= 2, "the collection was killed {killed} times");
+    let r = env.gc("0");
+    assert_eq!(r["missing"], serde_json::json!([]), "{r}");
+    let out = env.ok(&["verify"]);
+    assert!(out.contains(": ok"), "{out}");
+    // 3000 file chunks and the config's.
+    assert_eq!(num(&r, "chunks-marked"), 3001, "{r}");
+    assert_eq!(env.chunk_files().len(), 3001);
+    let dst = env.work.join("r");
+    env.restore(&snap_name(1_700_000_010), &dst);
+    compare_trees(&src, &dst, 0, &skips());
+}
+
+#[test]
+#[ignore = "needs root: the store tests run with the other root-only integration tests"]
+fn corrupt_chunk_is_found_and_only_its_file_fails_to_restore() {
+    let env = Env::new();
+    let src = env.work.join("src");
+    fs::create_dir_all(src.join("etc")).unwrap();
+    // Smaller than the minimum chunk size: one chunk each.
+    let victim = common::noise(50_000, 3);
+    fs::write(src.join("etc/victim"), &victim).unwrap();
+    fs::write(src.join("etc/fine"), common::noise(50_000, 4)).unwrap();
+    fs::write(src.join("other"), b"unaffected\n").unwrap();
+    settle();
+    env.backup(&src, 1_700_000_000, &[]);
+    let snap = snap_name(1_700_000_000);
+    let chunk = env.chunk_path(&victim);
+    let mut bytes = fs::read(&chunk).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&chunk, &bytes).unwrap();
+
+    let dst = env.work.join("r");
+    fs::create_dir(&dst).unwrap();
+    let o = env.run(&["restore", &snap, &dst.display().to_string()]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("file './etc/victim' not restored"), "{err}");
+    assert!(!dst.join("etc/victim").exists());
+    assert_eq!(fs::read(dst.join("other")).unwrap(), b"unaffected\n");
+    assert_eq!(
+        fs::read(dst.join("etc/fine")).unwrap(),
+        fs::read(src.join("etc/fine")).unwrap()
+    );
+
+    let o = env.run(&["verify", &snap]);
+    assert_eq!(o.status.code(), Some(2));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let digest = blake3::hash(&victim).to_hex().to_string();
+    assert!(out.contains(&format!("bad chunk {digest}")), "{out}");
+    assert!(out.contains("used by ./etc/victim"), "{out}");
+    let v: Value = serde_json::from_str(&env.ok(&["list"])).unwrap();
+    assert_eq!(v[0]["verification"], "failed");
+    assert!(!chunk.exists(), "the bad chunk is moved away");
+    assert!(chunk.with_extension("bad").exists());
+    let export = env.run(&[
+        "export",
+        &snap,
+        &env.work.join("x.tar.zst").display().to_string(),
+    ]);
+    assert!(!export.status.success());
+    assert!(String::from_utf8_lossy(&export.stderr).contains("./etc/victim"));
+    assert!(!env.work.join("x.tar.zst").exists());
+
+    // The next backup (metadata mode: the file is unchanged) writes the chunk again.
+    let st = env.backup(&src, 1_700_000_010, &[]);
+    assert_eq!(num(&st, "files-read"), 1, "{st}");
+    assert!(chunk.exists());
+    let out = env.ok(&["verify", &snap_name(1_700_000_010)]);
+    assert!(out.contains(": ok"), "{out}");
+}
+
+#[test]
+#[ignore = "needs root: the store tests run with the other root-only integration tests"]
+fn backup_during_gc_stays_complete() {
+    let env = Env::new();
+    let src = env.work.join("src");
+    bulk_tree(&src, 150, 1 << 20, 21);
+    env.backup(&src, 1_700_000_000, &[]);
+    // All chunks become garbage, and the next backup finds them present.
+    env.ok(&["remove", &snap_name(1_700_000_000)]);
+    settle();
+    let mut child = env.spawn_backup(&src, 1_700_000_010, &["--change-detection", "data"]);
+    let mut runs = 0;
+    while child.try_wait().unwrap().is_none() {
+        env.gc("0");
+        runs += 1;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(runs >= 2, "only {runs} collections ran during the backup");
+    let v = env.ok(&["verify"]);
+    assert!(v.contains(": ok") && !v.contains("FAILED"), "{v}");
+    let r = env.gc("0");
+    assert_eq!(r["missing"], serde_json::json!([]), "{r}");
+    let dst = env.work.join("r");
+    env.restore(&snap_name(1_700_000_010), &dst);
+    compare_trees(&src, &dst, 0, &skips());
+}
+
+#[test]
+#[ignore = "needs root: the store tests run with the other root-only integration tests"]
+fn prune_keeps_protected_snapshots_and_notes() {
+    let env = Env::new();
+    let src = env.work.join("src");
+    bulk_tree(&src, 3, 1000, 1);
+    for i in 0..5 {
+        env.backup(&src, 1_700_000_000 + i * 86_400, &[]);
+    }
+    env.ok(&["protect", &snap_name(1_700_000_000), "1"]);
+    env.ok(&["notes", &snap_name(1_700_000_000), "before upgrade"]);
+    assert_eq!(
+        env.ok(&["notes", &snap_name(1_700_000_000)]),
+        "before upgrade"
+    );
+    let dry = env.ok(&["prune", "100", "--keep", "keep-last=2", "--dry-run"]);
+    assert_eq!(env.snapshots().len(), 5, "{dry}");
+    env.ok(&["prune", "100", "--keep", "keep-last=2"]);
+    let left = env.snapshots();
+    assert_eq!(
+        left,
+        vec![
+            snap_name(1_700_000_000),
+            snap_name(1_700_000_000 + 3 * 86_400),
+            snap_name(1_700_000_000 + 4 * 86_400)
+        ]
+    );
+    let o = env.run(&["remove", &snap_name(1_700_000_000)]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("protected"));
+}
+
+/// `vzdump --storage <dedup>` of a real container (rootfs and a `backup=1` mount point, stop
+/// mode), twice (the second reads nothing), then `pvesm list`, `pvesm extractconfig`,
+/// `pct restore` privileged and unprivileged compared with the source, and
+/// `pvesm prune-backups`.
+#[test]
+#[ignore = "needs root: loop devices, ext4 images, mounts, chown"]
+fn vzdump_to_dedup_storage_and_pct_restore() {
+    use vzkit_tests::TestRoot;
+    let tr = TestRoot::new();
+    let store = tr.join("/srv/backups");
+    tr.write(
+        "/etc/pve/storage.cfg",
+        &format!(
+            "dir: local\n\tpath {}\n\tcontent backup,rootdir,images,vztmpl\n\n\
+             dedup: backups\n\tpath {}\n\tcontent backup\n\tprune-backups keep-last=5\n",
+            tr.join("/var/lib/vz").display(),
+            store.display()
+        ),
+    );
+    tr.write(
+        "/etc/pve/lxc/100.conf",
+        "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
+    );
+    tr.ok(
+        "pct",
+        &[
+            "set",
+            "100",
+            "--rootfs",
+            "local:0.25",
+            "--mp0",
+            "local:0.125,mp=/mnt/data,backup=1",
+        ],
+    );
+    tr.ok("pct", &["mount", "100"]);
+    let src = tr.join("/var/lib/lxc/100/rootfs");
+    common::build_fixture(&src);
+    for f in ["null", "blk", "owned-big-id"] {
+        fs::remove_file(src.join(f)).unwrap();
+    }
+    fs::create_dir_all(src.join("mnt/data/sub")).unwrap();
+    fs::write(src.join("mnt/data/sub/file"), noise(70_000, 9)).unwrap();
+    tr.ok("pct", &["unmount", "100"]);
+    settle();
+
+    let both = |args: &[&str]| {
+        let o = tr.run("vzdump", args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "vzdump {args:?} failed: {text}");
+        text
+    };
+    let first = both(&[
+        "100",
+        "--storage",
+        "backups",
+        "--mode",
+        "stop",
+        "--notes-template",
+        "{{guestname}}",
+    ]);
+    assert!(
+        first.contains("creating snapshot in dedup storage 'backups'"),
+        "{first}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = both(&["100", "--storage", "backups", "--mode", "stop"]);
+    let line = second
+        .lines()
+        .find(|l| l.contains("files: "))
+        .unwrap_or_else(|| panic!("{second}"));
+    assert!(
+        line.contains("(0 read, "),
+        "the unchanged container was read again: {line}"
+    );
+
+    let list: Value =
+        serde_json::from_str(&tr.ok("pvesm", &["list", "backups", "--output-format", "json"]))
+            .unwrap();
+    let rows = list.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{list}");
+    for r in rows {
+        assert!(
+            r["volid"]
+                .as_str()
+                .unwrap()
+                .starts_with("backups:backup/ct/100/"),
+            "{r}"
+        );
+        assert_eq!(r["format"], "dedup");
+        assert_eq!(r["vmid"], 100);
+    }
+    assert_eq!(rows[0]["notes"], "src100");
+    let volid = rows[1]["volid"].as_str().unwrap().to_string();
+    let conf = tr.ok("pvesm", &["extractconfig", &volid]);
+    assert!(conf.contains("hostname: src100"), "{conf}");
+
+    let sk = Skips {
+        meta: vec![
+            b"",
+            b"etc",
+            b"mnt",
+            b"mnt/data",
+            b"lost+found",
+            b"mnt/data/lost+found",
+        ],
+        extra: vec![b"etc/vzdump"],
+    };
+    tr.ok("pct", &["mount", "100"]);
+    for (vmid, unprivileged) in [(401u32, false), (402, true)] {
+        let id = vmid.to_string();
+        let mut args = vec!["restore", id.as_str(), volid.as_str(), "--storage", "local"];
+        if unprivileged {
+            args.extend(["--unprivileged", "1"]);
+        }
+        tr.ok("pct", &args);
+        tr.ok("pct", &["mount", &id]);
+        let root = tr.join(&format!("/var/lib/lxc/{vmid}/rootfs"));
+        let shift = if unprivileged { 100_000 } else { 0 };
+        let res = std::panic::catch_unwind(|| compare_trees(&src, &root, shift, &sk));
+        tr.ok("pct", &["unmount", &id]);
+        if let Err(p) = res {
+            tr.ok("pct", &["unmount", "100"]);
+            std::panic::resume_unwind(p);
+        }
+    }
+    tr.ok("pct", &["unmount", "100"]);
+
+    tr.ok("pvesm", &["prune-backups", "backups", "--keep-last", "1"]);
+    let list: Value =
+        serde_json::from_str(&tr.ok("pvesm", &["list", "backups", "--output-format", "json"]))
+            .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["volid"].as_str().unwrap(), volid);
+}
