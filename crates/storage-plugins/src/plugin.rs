@@ -183,6 +183,50 @@ pub enum VolumeAttribute {
     Protected,
 }
 
+impl VolumeAttribute {
+    /// Reads the attribute kept in the file `path` (`<archive>.notes`, `<archive>.protected`):
+    /// the notes text, `1` for a protected backup, `None` when the file does not exist.
+    ///
+    /// # Errors
+    /// When the notes file exists but cannot be read.
+    pub fn read_file(self, path: &std::path::Path) -> Result<Option<String>> {
+        match self {
+            VolumeAttribute::Protected => Ok(path.exists().then(|| "1".to_string())),
+            VolumeAttribute::Notes => match std::fs::read_to_string(path) {
+                Ok(s) => Ok(Some(s)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(StorageError::io("unable to read", path, e)),
+            },
+        }
+    }
+
+    /// Writes the attribute into the file `path`, or removes the file for an empty value,
+    /// `None` or (protection) `0`.
+    ///
+    /// # Errors
+    /// When the file cannot be written or removed.
+    pub fn write_file(self, path: &std::path::Path, value: Option<&str>) -> Result<()> {
+        let enable = match self {
+            VolumeAttribute::Protected => value.is_some_and(|v| v != "0" && !v.is_empty()),
+            VolumeAttribute::Notes => value.is_some_and(|v| !v.is_empty()),
+        };
+        if enable {
+            let text = if self == VolumeAttribute::Notes {
+                value.unwrap_or_default()
+            } else {
+                ""
+            };
+            std::fs::write(path, text).map_err(|e| StorageError::io("unable to write", path, e))
+        } else {
+            match std::fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(StorageError::io("unable to remove", path, e)),
+            }
+        }
+    }
+}
+
 /// One storage backend bound to one `storage.cfg` section.
 #[async_trait::async_trait]
 pub trait StoragePlugin: Send + Sync + std::fmt::Debug {

@@ -267,15 +267,7 @@ impl StoragePlugin for DedupPlugin {
         volname: &str,
         attr: VolumeAttribute,
     ) -> Result<Option<String>> {
-        let path = self.attribute_path(volname, attr)?;
-        match attr {
-            VolumeAttribute::Protected => Ok(path.exists().then(|| "1".to_string())),
-            VolumeAttribute::Notes => match std::fs::read_to_string(&path) {
-                Ok(s) => Ok(Some(s)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(StorageError::io("unable to read", &path, e)),
-            },
-        }
+        attr.read_file(&self.attribute_path(volname, attr)?)
     }
 
     async fn update_volume_attribute(
@@ -284,25 +276,7 @@ impl StoragePlugin for DedupPlugin {
         attr: VolumeAttribute,
         value: Option<&str>,
     ) -> Result<()> {
-        let path = self.attribute_path(volname, attr)?;
-        let enable = match attr {
-            VolumeAttribute::Protected => value.is_some_and(|v| v != "0" && !v.is_empty()),
-            VolumeAttribute::Notes => value.is_some_and(|v| !v.is_empty()),
-        };
-        if enable {
-            let text = if attr == VolumeAttribute::Notes {
-                value.unwrap_or_default()
-            } else {
-                ""
-            };
-            std::fs::write(&path, text).map_err(|e| StorageError::io("unable to write", &path, e))
-        } else {
-            match std::fs::remove_file(&path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(StorageError::io("unable to remove", &path, e)),
-            }
-        }
+        attr.write_file(&self.attribute_path(volname, attr)?, value)
     }
 
     fn backup_dir(&self) -> Option<PathBuf> {
