@@ -45,4 +45,4 @@ pub use extract::{ExtractOptions, ExtractReport, extract};
 pub use header::{MemberHeader, MemberKind, SparseRegion};
 pub use idmap::{IdKind, IdMap, IdMapEntry};
 pub use reader::{ArchiveReader, Entry, Sparse, find_member};
-pub use writer::{ArchiveWriter, FileData, StatKey, Stats, TreeSink, Walker};
+pub use writer::{ArchiveWriter, FileData, Reused, StatKey, Stats, TreeSink, Walker};

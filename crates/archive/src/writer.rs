@@ -38,8 +38,12 @@
 //! every member to a [`TreeSink`] as a [`MemberHeader`] (owners and ACLs
 //! already id-mapped). Regular files come with their [`StatKey`] and a
 //! [`FileData`] handle; their content is read only if the sink asks for it,
-//! so a sink may reuse data it already has (incremental backups).
-//! [`ArchiveWriter`] is the sink that writes the tar stream.
+//! so a sink may reuse data it already has (incremental backups). Before a
+//! regular file is opened, the sink is offered it with its `lstat` key
+//! ([`TreeSink::file_unopened`]) and may emit a whole member it has from an
+//! earlier walk instead; then the file is not opened at all.
+//! [`ArchiveWriter`] is the sink that writes the tar stream; it takes no
+//! such shortcut, so its output does not depend on it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -132,7 +136,8 @@ impl Stats {
 
 /// The stat fields of a regular file that decide whether its content may
 /// have changed since an earlier walk (taken with `fstat` on the opened
-/// file, before any data is read). Owners and mode are the host's values.
+/// file, before any data is read; for [`TreeSink::file_unopened`] from the
+/// walker's `lstat`). Owners and mode are the host's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StatKey {
     /// Device of the file system.
@@ -184,6 +189,36 @@ pub trait TreeSink {
     /// # Errors
     /// Whatever the sink fails with; the walk stops.
     fn file(&mut self, h: &MemberHeader<'_>, key: &StatKey, data: &mut FileData<'_>) -> Result<()>;
+
+    /// Asked for a regular file before it is opened, with its `lstat`
+    /// key (`may_be_sparse`: it has fewer blocks than its size). A sink
+    /// that already has the whole member (header incl. ACLs and xattrs,
+    /// and data) from an earlier walk may emit it itself and return what
+    /// it emitted; the file is then neither opened nor passed to
+    /// [`TreeSink::file`]. The default (and [`ArchiveWriter`]) returns
+    /// `None`: every file is opened and read.
+    ///
+    /// # Errors
+    /// Whatever the sink fails with; the walk stops.
+    fn file_unopened(
+        &mut self,
+        member: &[u8],
+        key: &StatKey,
+        may_be_sparse: bool,
+    ) -> Result<Option<Reused>> {
+        let _ = (member, key, may_be_sparse);
+        Ok(None)
+    }
+}
+
+/// A regular file a sink emitted from an earlier walk without it being
+/// opened ([`TreeSink::file_unopened`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reused {
+    /// Bytes of its data regions (the member's size).
+    pub data_size: u64,
+    /// Written as a sparse member.
+    pub sparse: bool,
 }
 
 /// The content of a regular file during a walk.
@@ -651,6 +686,26 @@ impl Walker {
         stats: &mut Stats,
         sink: &mut dyn TreeSink,
     ) -> Result<()> {
+        // Second and later names of a hard-linked inode are opened as
+        // before (they become hard-link members); any other file is first
+        // offered to the sink unopened.
+        let link_key = (lst.dev, lst.ino);
+        if (lst.nlink <= 1 || !self.links.contains_key(&link_key))
+            && let Some(r) = sink.file_unopened(
+                member,
+                &StatKey::of(lst),
+                lst.blocks.saturating_mul(512) < lst.size,
+            )?
+        {
+            if lst.nlink > 1 {
+                self.links
+                    .insert(link_key, (member.to_vec(), lst.nlink - 1));
+            }
+            stats.files += 1;
+            stats.sparse_files += u64::from(r.sparse);
+            stats.data_bytes += r.data_size;
+            return Ok(());
+        }
         let fd = match rustix::fs::openat(
             src.dirfd,
             src.name,

@@ -2,7 +2,8 @@
 //! [`TreeSink`] that chunks file data, hashes each chunk (blake3) on the
 //! walking thread and hands new chunks to a bounded pool of threads that
 //! compress (zstd) and write them. Unchanged files (see the crate docs)
-//! reuse the previous snapshot's chunk list without being read.
+//! reuse the previous snapshot's entry and chunk list without being
+//! opened.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,7 @@ use crate::catalog::{CatalogReader, CatalogWriter, ChunkRef, DATA_TREE, Member, 
 use crate::chunker::{ChunkSizes, Chunker};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, SnapshotRef};
-use crate::store::{LockFile, Store, Writer};
+use crate::store::{LockFile, SnapshotLock, Store, Writer};
 
 /// How unchanged files are recognized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -216,9 +217,29 @@ impl Drop for Pool {
 struct PrevCursor {
     cat: CatalogReader,
     peeked: Option<Member>,
+    /// The previous snapshot was walked with the same id map: its whole
+    /// entries (owners, ACLs, capabilities as mapped) may be reused.
+    same_id_map: bool,
+    /// The entry last looked up for a file offered unopened and not
+    /// reused (looked up again when the file is read).
+    held: Option<Member>,
+    /// Chunks verification found bad or missing: checked (and written
+    /// again if missing) before an entry using them is reused.
+    suspect: HashSet<[u8; 32]>,
 }
 
 impl PrevCursor {
+    /// The entry of `name` in `tree`, if any.
+    fn find(&mut self, tree: u32, name: &[u8]) -> Result<Option<Member>> {
+        if let Some(h) = self.held.take()
+            && h.tree == tree
+            && h.name == name
+        {
+            return Ok(Some(h));
+        }
+        self.lookup(tree, name)
+    }
+
     fn lookup(&mut self, tree: u32, name: &[u8]) -> Result<Option<Member>> {
         loop {
             if self.peeked.is_none() {
@@ -303,7 +324,7 @@ impl State {
         let Some(prev) = self.prev.as_mut() else {
             return Ok(None);
         };
-        let Some(p) = prev.lookup(tree, h.name)? else {
+        let Some(p) = prev.find(tree, h.name)? else {
             return Ok(None);
         };
         let Some(pk) = p.key else { return Ok(None) };
@@ -321,15 +342,91 @@ impl State {
         if !same {
             return Ok(None);
         }
-        for c in &p.chunks {
-            if !self.seen.contains(&c.digest) {
-                if !self.store.touch_chunk(&c.digest)? {
-                    return Ok(None);
-                }
-                self.seen.insert(c.digest);
-            }
+        if !self.keep_chunks(&p.chunks)? {
+            return Ok(None);
         }
         Ok(Some(p.chunks))
+    }
+
+    /// The whole previous entry of an unchanged file, offered before it
+    /// is opened (see the crate docs); `None` if the file must be opened.
+    fn unopened(
+        &mut self,
+        member: &[u8],
+        key: &StatKey,
+        may_be_sparse: bool,
+    ) -> Result<Option<vzkit_archive::Reused>> {
+        if self.opts.change_detection == ChangeDetection::Data {
+            return Ok(None);
+        }
+        let tree = self.tree;
+        let Some(prev) = self.prev.as_mut() else {
+            return Ok(None);
+        };
+        if !prev.same_id_map {
+            return Ok(None);
+        }
+        let Some(p) = prev.find(tree, member)? else {
+            return Ok(None);
+        };
+        let same = p.kind == MemberKind::Regular
+            && !p.racy
+            && p.key.is_some_and(|pk| {
+                pk.ino == key.ino
+                    && pk.size == key.size
+                    && pk.mtime_ns == key.mtime_ns
+                    && pk.ctime_ns == key.ctime_ns
+                    && pk.mode == key.mode
+                    && pk.uid == key.uid
+                    && pk.gid == key.gid
+            })
+            // A file written sparse has fewer blocks than its size.
+            && (p.sparse.is_none() || may_be_sparse);
+        if !same || !self.keep_chunks(&p.chunks)? {
+            if let Some(prev) = self.prev.as_mut() {
+                prev.held = Some(p);
+            }
+            return Ok(None);
+        }
+        let mut m = p;
+        m.key = Some(*key);
+        m.racy = self.is_racy(key);
+        self.stats.files += 1;
+        self.stats.files_reused += 1;
+        self.stats.chunks += m.chunks.len() as u64;
+        let r = vzkit_archive::Reused {
+            data_size: m.size,
+            sparse: m.sparse.is_some(),
+        };
+        self.emit(&m)?;
+        Ok(Some(r))
+    }
+
+    fn is_racy(&self, key: &StatKey) -> bool {
+        key.ctime_ns >= self.start_ns - RACY_NS || key.mtime_ns >= self.start_ns - RACY_NS
+    }
+
+    /// Chunks of a list reused from the base snapshot need no touch: the
+    /// base is locked against removal for the whole backup, so every
+    /// garbage collection marks them (see [`crate::gc`]). Only chunks
+    /// verification reported bad or missing are checked; false if one is
+    /// missing (the file is then read and the chunk written again).
+    fn keep_chunks(&mut self, chunks: &[ChunkRef]) -> Result<bool> {
+        let Some(prev) = self.prev.as_ref() else {
+            return Ok(false);
+        };
+        for c in chunks {
+            if prev.suspect.contains(&c.digest)
+                && !self.seen.contains(&c.digest)
+                && !self.store.touch_chunk(&c.digest)?
+            {
+                return Ok(false);
+            }
+        }
+        for c in chunks {
+            self.seen.insert(c.digest);
+        }
+        Ok(true)
     }
 
     fn file_inner(
@@ -340,7 +437,7 @@ impl State {
     ) -> Result<()> {
         let mut m = Member::from_header(h, self.tree);
         m.key = Some(*key);
-        m.racy = key.ctime_ns >= self.start_ns - RACY_NS || key.mtime_ns >= self.start_ns - RACY_NS;
+        m.racy = self.is_racy(key);
         self.stats.files += 1;
         if let Some(chunks) = self.reusable(h, key)? {
             self.stats.files_reused += 1;
@@ -393,6 +490,16 @@ impl TreeSink for State {
     ) -> vzkit_archive::Result<()> {
         self.file_inner(h, key, data).map_err(to_archive)
     }
+
+    fn file_unopened(
+        &mut self,
+        member: &[u8],
+        key: &StatKey,
+        may_be_sparse: bool,
+    ) -> vzkit_archive::Result<Option<vzkit_archive::Reused>> {
+        self.unopened(member, key, may_be_sparse)
+            .map_err(to_archive)
+    }
 }
 
 /// A backup being written; dropped without [`Backup::finish`], its
@@ -407,6 +514,7 @@ pub struct Backup {
     started: Instant,
     _writer: Writer,
     _group_lock: LockFile,
+    _base_lock: Option<SnapshotLock>,
     done: bool,
 }
 
@@ -462,10 +570,22 @@ impl Backup {
             .into_iter()
             .rev()
             .find(|s| s.snapshot.time < time);
+        let base_lock = match &prev {
+            Some(p) => Some(SnapshotLock::try_lock(
+                &p.snapshot.path(store),
+                false,
+                &format!("snapshot {} is being removed", p.snapshot.name()),
+            )?),
+            None => None,
+        };
         let prev = match prev {
             Some(p) => Some(PrevCursor {
                 cat: CatalogReader::open(&p.snapshot.path(store).join(snapshot::CATALOG))?,
                 peeked: None,
+                same_id_map: snapshot::manifest(store, &p.snapshot)?.id_map
+                    == Some(snapshot::id_map_name(opts.id_map.as_ref())),
+                held: None,
+                suspect: store.bad_chunks()?,
             }),
             None => None,
         };
@@ -506,6 +626,7 @@ impl Backup {
             started: Instant::now(),
             _writer: writer,
             _group_lock: group_lock,
+            _base_lock: base_lock,
             done: false,
         })
     }
@@ -606,7 +727,13 @@ impl Backup {
             std::fs::write(&p, c).map_err(|e| Error::io("write", &p, e))?;
             parts.push(snapshot::FIREWALL);
         }
-        snapshot::write_manifest(&self.tmp_dir, &self.snap, &parts, &self.state.stats)?;
+        snapshot::write_manifest(
+            &self.tmp_dir,
+            &self.snap,
+            &parts,
+            &self.state.stats,
+            snapshot::id_map_name(self.state.opts.id_map.as_ref()),
+        )?;
         self.state.store.sync()?;
         let final_dir = self.snap.path(&self.state.store);
         std::fs::rename(&self.tmp_dir, &final_dir)
@@ -715,5 +842,52 @@ mod tests {
             .filter(|n| n != ".lock")
             .collect();
         assert_eq!(names, vec![r.snapshot.time_name()]);
+    }
+
+    fn stream(store: &Store, snap: &SnapshotRef) -> Vec<u8> {
+        let mut got = Vec::new();
+        TarStream::open(store, snap, true)
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        got
+    }
+
+    #[test]
+    fn unchanged_files_are_reused_unopened_and_the_base_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        tree(&src);
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir).unwrap();
+        let store = Store::open(&store_dir).unwrap();
+        let backup = |time: i64| {
+            let mut o = BackupOptions::new(100);
+            o.time = Some(time);
+            // Nothing is racy: the files are older than the backups.
+            let mut b = Backup::start(&store, o).unwrap();
+            b.state.start_ns = i64::MAX / 2;
+            b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+            b
+        };
+        let first = backup(1_700_000_000).finish().unwrap();
+        std::fs::write(src.join("a/b/small"), b"changed\n").unwrap();
+        let b = backup(1_700_000_010);
+        // The base is locked against removal while the backup runs.
+        let base = first.snapshot.path(&store);
+        let e = SnapshotLock::try_lock(&base, true, "in use").unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        let second = b.finish().unwrap();
+        assert!(SnapshotLock::try_lock(&base, true, "in use").is_ok());
+        // big, a/copy and empty are reused; a/b/small (and its hard link) is read.
+        assert_eq!(second.stats.files_reused, 3, "{:?}", second.stats);
+        assert_eq!(second.stats.files_read, 1, "{:?}", second.stats);
+        assert_eq!(second.stats.chunks_new, 1, "{:?}", second.stats);
+
+        let mut w = ArchiveWriter::new(Vec::new());
+        w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        let want = w.finish().unwrap();
+        assert!(stream(&store, &second.snapshot) == want, "stream differs");
+        assert_ne!(stream(&store, &first.snapshot), want);
     }
 }

@@ -16,9 +16,26 @@
 //! one that touches it after gets ENOENT and writes the chunk again.
 //! `.sweep` files left by a killed collection are put back by the next.
 //!
-//! A running backup touches every chunk it reuses or finds present and
-//! writes new ones after its start, so its chunks are never older than
-//! the cutoff. Killing the collection at any point loses nothing a
+//! A running backup writes new chunks after its start and touches every
+//! chunk it finds present in the store, so those are never older than the
+//! cutoff. Chunks of entries it reuses from its *base* (the newest earlier
+//! complete snapshot of its group) are not touched; instead it holds a
+//! shared `flock` on the base's directory for its whole run, and
+//! [`crate::snapshot::remove`] (so also prune) needs that lock
+//! exclusively (besides the group lock) and refuses while a backup holds
+//! it. Why the base's chunks survive: let the collection list the
+//! snapshots at time L (after its start S ≥ cutoff). If the base existed
+//! throughout the listing it is listed (it cannot vanish while locked) and
+//! its chunks are marked after L. Otherwise it was completed after L by a
+//! backup that was either registered when the collection started (cutoff
+//! ≤ its start) or started after S; either way every chunk that backup
+//! wrote or touched is newer than the cutoff, and those it reused untouched
+//! come from its own base, to which the same holds — the chain ends at a
+//! snapshot the listing saw. Chunks verification found damaged or missing
+//! are listed in `.bad-chunks` and checked by a backup before it reuses
+//! them, so the next backup writes them again.
+//!
+//! Killing the collection at any point loses nothing a
 //! complete snapshot references: only chunks not marked since the cutoff
 //! are removed, and marking ends before sweeping starts.
 

@@ -26,29 +26,48 @@
 //!
 //! # Change detection (incremental backups)
 //!
-//! With [`ChangeDetection::Metadata`] (the default) a regular file reuses
-//! the chunk list of the newest earlier complete snapshot of the same group
-//! without being read if, for the member of the same name in the same
-//! source tree, all of these are equal: inode number, size, mtime (ns),
-//! ctime (ns), `st_mode`, uid and gid (host values, from `fstat` of the
-//! opened file), the sparse map, and the earlier entry was not *racy*
-//! (its mtime or ctime was not within 1 s before that backup started).
-//! Every chunk of the reused list must still exist (it is touched for the
-//! garbage collection); otherwise the file is read.
+//! With [`ChangeDetection::Metadata`] (the default) a regular file is
+//! taken over from the newest earlier complete snapshot of the same group
+//! (the *base*) if, for the member of the same name in the same source
+//! tree, all of these are equal: inode number, size, mtime (ns), ctime
+//! (ns), `st_mode` (type and permissions), uid and gid (host values), and
+//! the earlier entry was not *racy* (its mtime or ctime was not within 1 s
+//! before that backup started).
 //!
-//! Why this is safe: any write to a file, and any change of its metadata,
-//! sets its ctime to the current time, and ctime cannot be set by
-//! unprivileged users (`touch -d` or `utimensat` restore mtime but update
-//! ctime). A file replaced by another (rename over it, restore from
-//! elsewhere) has a different inode number even if size and times were
-//! copied. The racy rule covers timestamp granularity: a write in the same
-//! clock tick as the change the earlier backup saw would leave ctime
+//! The key is first compared with the `lstat` the walker takes anyway,
+//! before the file is opened ([`vzkit_archive::TreeSink::file_unopened`]):
+//! on a match the whole earlier entry — header with mode, owners, mtime,
+//! ACLs, xattrs, sparse map — and its chunk list are reused, and the file
+//! is not opened at all (no `open`, `fstat`, xattr or ACL reads). This
+//! needs the base to have been walked with the same id map (recorded in
+//! its manifest; older snapshots have none) and, for an entry stored
+//! sparse, the file to still have fewer blocks than its size. Otherwise
+//! the file is opened, and with the key of its `fstat` and an equal
+//! sparse map only its chunk list is reused (header, ACLs and xattrs read
+//! fresh); else it is read.
+//!
+//! Why this is safe: any write to a file, and any change of its metadata
+//! — including setting or removing an xattr or ACL (`setxattr`,
+//! `setfacl`), `chmod`, `chown` — sets its ctime to the current time, and
+//! ctime cannot be set by unprivileged users (`touch -d` or `utimensat`
+//! restore mtime but update ctime). So an equal ctime also means equal
+//! ACLs and xattrs. A file replaced by another (rename over it, restore
+//! from elsewhere) has a different inode number even if size and times
+//! were copied. The racy rule covers timestamp granularity: a write in the
+//! same clock tick as the change the earlier backup saw would leave ctime
 //! unchanged, so entries changed shortly before a backup started are not
 //! trusted by the next one. The file system's device number is not
 //! compared, as snapshot mounts get a new one each time. With
 //! [`ChangeDetection::Data`] every file is read; unchanged regions of
 //! changed files still deduplicate through content-defined chunking.
 //!
+//! Reused chunks are not touched: the backup holds a shared lock on its
+//! base for its whole run, so the base cannot be removed and every garbage
+//! collection marks its chunks (the argument is in [`gc`]). Chunks that
+//! verification found damaged or missing (listed in `.bad-chunks`) are
+//! checked first; a file using a missing one is read, and the chunk is
+//! written again.
+
 //! # Chunking
 //!
 //! FastCDC 2020 (normalization level 1) with min/avg/max 64 KiB / 256 KiB /
@@ -69,7 +88,26 @@
 //! blake3 of each chunk runs on the walking thread; compression and writing run on a
 //! pool of one thread per CPU fed through a bounded queue (memory: at most
 //! two queued chunks per thread plus one chunk being cut). Chunks already
-//! present are only touched, never recompressed or rewritten.
+//! present are only touched, never recompressed or rewritten. Each thread
+//! keeps one zstd compression and one decompression context
+//! ([`store::compress`], [`store::decompress`]) instead of creating one
+//! per chunk.
+//!
+//! # Performance
+//!
+//! `scripts/bench-dedup.sh` (1.23 GB container tree, 31,086 files, 10
+//! versions; 2 shared cores, load 2–3; both runs and the earlier one in
+//! README.md), last run: first backup 12.73 s (8.63 s in the run before
+//! with the same backup code; vzdump tar.zst 6.02 s, restic 12.70 s);
+//! unchanged re-backup 0.55 s (4.3% of that first backup, 6.4% of 8.63 s;
+//! target 5%; about 0.4 s of it is vzdump's fixed cost); 1% change 0.99 s
+//! (7.7%, 11.5% of 8.63 s; target 10%; changed files are re-read whole,
+//! 169 MB); 586 MB after 10 versions (restic 620 MB); restore 6.56 s
+//! (tar.zst 6.70 s). Met: store size, restore; borderline: unchanged and
+//! 1% change; not met: first backup (1.5–2.1× tar.zst). Unchanged files
+//! cost one `lstat` each (not opened, no chunk touched); a first backup is
+//! bound by zstd and by creating one file per chunk (packing small chunks
+//! would be the next step); restores by creating the restored files.
 
 pub mod backup;
 pub mod catalog;

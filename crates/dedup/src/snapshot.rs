@@ -16,7 +16,7 @@ use vzkit_archive::{ExtractOptions, ExtractReport, MemberKind, extract};
 use crate::backup::BackupStats;
 use crate::catalog::{CatalogReader, Member};
 use crate::error::{Error, Result};
-use crate::store::{LockFile, Store};
+use crate::store::{LockFile, SnapshotLock, Store};
 
 /// Catalog file name.
 pub const CATALOG: &str = "catalog.zst";
@@ -121,6 +121,20 @@ pub struct Manifest {
     pub size: u64,
     /// Counters of the backup.
     pub stats: serde_json::Value,
+    /// The id map the tree was walked with ([`id_map_name`]); missing in
+    /// snapshots of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_map: Option<String>,
+}
+
+/// How a snapshot records the id map its trees were walked with: whole
+/// catalog entries are only reused by a backup with the same map.
+#[must_use]
+pub fn id_map_name(m: Option<&vzkit_archive::IdMap>) -> String {
+    match m {
+        Some(m) => format!("{m:?}"),
+        None => "none".into(),
+    }
 }
 
 /// `verify-state`.
@@ -148,6 +162,7 @@ pub(crate) fn write_manifest(
     snap: &SnapshotRef,
     parts: &[&str],
     stats: &BackupStats,
+    id_map: String,
 ) -> Result<()> {
     let mut files = Vec::new();
     for p in parts {
@@ -165,6 +180,7 @@ pub(crate) fn write_manifest(
         files,
         size: stats.logical_size,
         stats: serde_json::to_value(stats).unwrap_or_default(),
+        id_map: Some(id_map),
     };
     let p = dir.join(MANIFEST);
     let text = serde_json::to_vec_pretty(&m).unwrap_or_default();
@@ -400,6 +416,15 @@ pub fn remove(store: &Store, snap: &SnapshotRef) -> Result<()> {
         &store.group_dir(snap.vmid).join(".lock"),
         &format!("backup group ct/{}", snap.vmid),
     )?;
+    // A running backup holds a shared lock on its base snapshot.
+    let _in_use = SnapshotLock::try_lock(
+        &d,
+        true,
+        &format!(
+            "snapshot {} is the base of a running backup; not removed",
+            snap.name()
+        ),
+    )?;
     // Hide it first, so that a partial removal is never listed.
     let hidden = store
         .group_dir(snap.vmid)
@@ -439,22 +464,38 @@ pub struct FileFailure {
 /// A member filter of [`TarStream`] and [`restore`].
 pub type Filter = Box<dyn FnMut(&Member) -> bool + Send>;
 
-/// Chunk reads (and decompressed chunks) in flight ahead of the reader.
-const READ_AHEAD: usize = 32;
+/// Batches in flight ahead of the reader.
+const READ_AHEAD: usize = 8;
+/// A batch is closed at this many chunks or uncompressed chunk bytes:
+/// small files go to the reading threads many at a time (one hand-over
+/// per chunk cost more thread switches than reading the chunk).
+const BATCH_CHUNKS: usize = 64;
+const BATCH_BYTES: u64 = 1 << 20;
 
-/// What the catalog thread hands to the reader, in stream order.
-enum Item {
+/// A piece of the stream in a batch.
+enum Seg {
     /// Header blocks (and the padding of a member without chunks).
     Bytes(Vec<u8>),
-    /// One chunk of a member, being read by a worker.
+    /// One chunk of a member (its data is the batch's next result).
     Chunk {
-        member: String,
+        member: std::sync::Arc<str>,
         /// Real size and mtime of the member (to recognize the restored file).
         written: (u64, i64),
         len: u32,
         /// Padding after this chunk (the member's last chunk only).
         pad: usize,
-        rx: std::sync::mpsc::Receiver<Result<Vec<u8>>>,
+    },
+}
+
+type Batch = Vec<Result<Vec<u8>>>;
+
+/// What the catalog thread hands to the reader, in stream order.
+enum Item {
+    /// Stream pieces; the data of their chunks, in order, comes from `rx`
+    /// (a worker reading the batch), if there are chunks.
+    Batch {
+        segs: Vec<Seg>,
+        rx: Option<std::sync::mpsc::Receiver<Batch>>,
     },
     /// The catalog could not be read.
     Failed(String),
@@ -462,17 +503,55 @@ enum Item {
 }
 
 type ChunkJob = (
-    crate::catalog::ChunkRef,
-    std::sync::mpsc::SyncSender<Result<Vec<u8>>>,
+    Vec<crate::catalog::ChunkRef>,
+    std::sync::mpsc::SyncSender<Batch>,
 );
+
+/// The batch being collected by the catalog thread.
+#[derive(Default)]
+struct Collect {
+    segs: Vec<Seg>,
+    refs: Vec<crate::catalog::ChunkRef>,
+    bytes: u64,
+}
+
+impl Collect {
+    fn flush(
+        &mut self,
+        out: &std::sync::mpsc::SyncSender<Item>,
+        jobs: &std::sync::mpsc::SyncSender<ChunkJob>,
+    ) -> std::result::Result<(), ()> {
+        if self.segs.is_empty() {
+            return Ok(());
+        }
+        let rx = if self.refs.is_empty() {
+            None
+        } else {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            jobs.send((std::mem::take(&mut self.refs), tx))
+                .map_err(|_| ())?;
+            Some(rx)
+        };
+        self.bytes = 0;
+        out.send(Item::Batch {
+            segs: std::mem::take(&mut self.segs),
+            rx,
+        })
+        .map_err(|_| ())
+    }
+}
 
 /// The tar stream a snapshot stands for, reconstructed from its catalog
 /// and chunks: byte for byte what `ArchiveWriter` wrote for the same tree.
 /// A thread reads the catalog and a pool (one thread per CPU) reads,
-/// decompresses and checks up to 32 chunks ahead of the reader.
+/// decompresses and checks chunks ahead of the reader, in batches of up
+/// to 64 chunks or 1 MiB, up to 8 batches ahead (each thread reuses one
+/// decompression context).
 pub struct TarStream {
     rx: std::sync::mpsc::Receiver<Item>,
     buf: Vec<u8>,
+    /// Pieces of the current batch after `buf`.
+    queue: std::collections::VecDeque<Vec<u8>>,
     pos: usize,
     written: u64,
     done: bool,
@@ -497,11 +576,18 @@ fn produce(
     out: &std::sync::mpsc::SyncSender<Item>,
     jobs: &std::sync::mpsc::SyncSender<ChunkJob>,
 ) -> std::result::Result<(), ()> {
+    let mut b = Collect::default();
     loop {
         let m = match cat.next_member() {
             Ok(Some(m)) => m,
-            Ok(None) => return out.send(Item::End).map_err(|_| ()),
-            Err(e) => return out.send(Item::Failed(e.to_string())).map_err(|_| ()),
+            Ok(None) => {
+                b.flush(out, jobs)?;
+                return out.send(Item::End).map_err(|_| ());
+            }
+            Err(e) => {
+                b.flush(out, jobs)?;
+                return out.send(Item::Failed(e.to_string())).map_err(|_| ());
+            }
         };
         if let Some(f) = &mut filter
             && !f(&m)
@@ -510,26 +596,33 @@ fn produce(
         }
         let mut head = match m.encode_header() {
             Ok(h) => h,
-            Err(e) => return out.send(Item::Failed(e.to_string())).map_err(|_| ()),
+            Err(e) => {
+                b.flush(out, jobs)?;
+                return out.send(Item::Failed(e.to_string())).map_err(|_| ());
+            }
         };
         if m.chunks.is_empty() {
             head.resize(head.len() + padding(m.size), 0);
         }
-        out.send(Item::Bytes(head)).map_err(|_| ())?;
-        let member = m.name_lossy();
+        b.segs.push(Seg::Bytes(head));
+        let member: std::sync::Arc<str> = m.name_lossy().into();
         let written = (m.sparse.as_ref().map_or(m.size, |(s, _)| *s), m.mtime);
         let n = m.chunks.len();
         for (i, c) in m.chunks.iter().enumerate() {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            jobs.send((*c, tx)).map_err(|_| ())?;
-            out.send(Item::Chunk {
-                member: member.clone(),
+            b.refs.push(*c);
+            b.bytes += u64::from(c.len);
+            b.segs.push(Seg::Chunk {
+                member: std::sync::Arc::clone(&member),
                 written,
                 len: c.len,
                 pad: if i + 1 == n { padding(m.size) } else { 0 },
-                rx,
-            })
-            .map_err(|_| ())?;
+            });
+            if b.refs.len() >= BATCH_CHUNKS || b.bytes >= BATCH_BYTES {
+                b.flush(out, jobs)?;
+            }
+        }
+        if b.segs.len() >= 2 * BATCH_CHUNKS {
+            b.flush(out, jobs)?;
         }
     }
 }
@@ -569,8 +662,12 @@ impl TarStream {
                         Ok(r) => r.recv(),
                         Err(_) => return,
                     };
-                    let Ok((c, tx)) = job else { return };
-                    let _ = tx.send(store.read_chunk(&c.digest, c.len));
+                    let Ok((refs, tx)) = job else { return };
+                    let _ = tx.send(
+                        refs.iter()
+                            .map(|c| store.read_chunk(&c.digest, c.len))
+                            .collect(),
+                    );
                 }
             });
         }
@@ -580,6 +677,7 @@ impl TarStream {
         Ok(TarStream {
             rx,
             buf: Vec::new(),
+            queue: std::collections::VecDeque::new(),
             pos: 0,
             written: 0,
             done: false,
@@ -596,35 +694,48 @@ impl TarStream {
             .recv()
             .unwrap_or_else(|_| Item::Failed("catalog reader stopped".into()));
         match item {
-            Item::Bytes(b) => self.buf = b,
-            Item::Chunk {
-                member,
-                written,
-                len,
-                pad,
-                rx,
-            } => {
-                let res = rx
-                    .recv()
-                    .unwrap_or_else(|_| Err(Error::Invalid("chunk reader stopped".into())));
-                match res {
-                    Ok(d) => self.buf = d,
-                    Err(e) => {
-                        if self.strict {
-                            return Err(io::Error::other(format!("file '{member}': {e}")));
-                        }
-                        if self.failures.last().is_none_or(|f| f.member != member) {
-                            self.failures.push(FileFailure {
-                                member,
-                                error: e.to_string(),
-                                written,
+            Item::Batch { segs, rx } => {
+                let mut data = match rx {
+                    Some(rx) => rx.recv().unwrap_or_default(),
+                    None => Vec::new(),
+                }
+                .into_iter();
+                for seg in segs {
+                    match seg {
+                        Seg::Bytes(b) => self.queue.push_back(b),
+                        Seg::Chunk {
+                            member,
+                            written,
+                            len,
+                            pad,
+                        } => {
+                            let res = data.next().unwrap_or_else(|| {
+                                Err(Error::Invalid("chunk reader stopped".into()))
                             });
+                            match res {
+                                Ok(mut d) => {
+                                    d.resize(d.len() + pad, 0);
+                                    self.queue.push_back(d);
+                                }
+                                Err(e) => {
+                                    if self.strict {
+                                        return Err(io::Error::other(format!(
+                                            "file '{member}': {e}"
+                                        )));
+                                    }
+                                    if self.failures.last().is_none_or(|f| *f.member != *member) {
+                                        self.failures.push(FileFailure {
+                                            member: member.to_string(),
+                                            error: e.to_string(),
+                                            written,
+                                        });
+                                    }
+                                    self.queue.push_back(vec![0; len as usize + pad]);
+                                }
+                            }
                         }
-                        self.buf.resize(len as usize, 0);
                     }
                 }
-                let n = self.buf.len() + pad;
-                self.buf.resize(n, 0);
             }
             Item::Failed(e) => return Err(io::Error::other(e)),
             Item::End => {
@@ -639,6 +750,11 @@ impl TarStream {
 impl Read for TarStream {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos >= self.buf.len() {
+            if let Some(b) = self.queue.pop_front() {
+                self.buf = b;
+                self.pos = 0;
+                continue;
+            }
             if self.done {
                 return Ok(0);
             }

@@ -11,9 +11,11 @@
 //! <store>/.writers/<id>                      one per running backup (flock'd),
 //!                                             content: start time (ns)
 //! <store>/.gc.lock                           held by a garbage collection
+//! <store>/.bad-chunks                         digests verify found damaged or missing
 //! <store>/ct/<vmid>/.lock                    backup group lock
 //! <store>/ct/<vmid>/.tmp-<id>/               a snapshot being written
-//! <store>/ct/<vmid>/<RFC3339 UTC time>/      a complete snapshot
+//! <store>/ct/<vmid>/<RFC3339 UTC time>/      a complete snapshot (flock'd shared by a
+//!                                             backup using it as its base)
 //! ```
 
 use std::fs::File;
@@ -108,6 +110,37 @@ impl LockFile {
     }
 }
 
+/// A shared `flock` on a complete snapshot's directory, held by a backup
+/// using it as its base for the whole backup: [`crate::snapshot::remove`]
+/// (and so prune) needs the exclusive lock, so the base and the chunks it
+/// references stay while the backup reuses them unseen by the garbage
+/// collection (see [`crate::gc`]).
+#[derive(Debug)]
+pub struct SnapshotLock {
+    _dir: File,
+}
+
+impl SnapshotLock {
+    /// Lock the snapshot directory `dir`, shared (`exclusive`: false) or
+    /// exclusive, failing at once if it is held the other way.
+    ///
+    /// # Errors
+    /// `Locked` naming `what` if held elsewhere; I/O errors.
+    pub fn try_lock(dir: &Path, exclusive: bool, what: &str) -> Result<SnapshotLock> {
+        let f = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+        let op = if exclusive {
+            FlockOperation::NonBlockingLockExclusive
+        } else {
+            FlockOperation::NonBlockingLockShared
+        };
+        match rustix::fs::flock(&f, op) {
+            Ok(()) => Ok(SnapshotLock { _dir: f }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Locked(what.to_string())),
+            Err(e) => Err(Error::io("lock", dir, e.into())),
+        }
+    }
+}
+
 /// Is the flock on `path` held by someone (without taking it for long)?
 #[must_use]
 pub fn lock_is_held(path: &Path) -> bool {
@@ -195,7 +228,7 @@ impl Store {
         if self.touch_chunk(d)? {
             return Ok(0);
         }
-        let comp = zstd::bulk::compress(data, level)
+        let comp = compress(data, level)
             .map_err(|e| Error::io("compress chunk", self.chunk_path(d), e))?;
         self.write_chunk_file(d, &comp, tag)?;
         Ok(comp.len() as u64)
@@ -249,8 +282,8 @@ impl Store {
         };
         f.read_to_end(&mut comp)
             .map_err(|e| bad(format!("cannot read '{}': {e}", p.display())))?;
-        let data = zstd::bulk::decompress(&comp, len as usize)
-            .map_err(|e| bad(format!("cannot decompress: {e}")))?;
+        let data =
+            decompress(&comp, len as usize).map_err(|e| bad(format!("cannot decompress: {e}")))?;
         if data.len() != len as usize {
             return Err(bad(format!("length {} instead of {len}", data.len())));
         }
@@ -258,6 +291,52 @@ impl Store {
             return Err(bad("content does not match its digest".into()));
         }
         Ok(data)
+    }
+
+    /// The list of chunks verification found damaged or missing
+    /// (`<store>/.bad-chunks`, hex digests, one per line): a backup checks
+    /// these before reusing them from its base, so that it writes them
+    /// again.
+    #[must_use]
+    pub fn bad_list_path(&self) -> PathBuf {
+        self.root.join(".bad-chunks")
+    }
+
+    /// Read [`Store::bad_list_path`] (empty if missing).
+    ///
+    /// # Errors
+    /// Read errors other than the file not existing.
+    pub fn bad_chunks(&self) -> Result<std::collections::HashSet<[u8; 32]>> {
+        let p = self.bad_list_path();
+        match std::fs::read_to_string(&p) {
+            Ok(s) => Ok(s.lines().filter_map(|l| parse_hex(l.trim())).collect()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(Error::io("read", p, e)),
+        }
+    }
+
+    /// Append digests to [`Store::bad_list_path`] (synced).
+    ///
+    /// # Errors
+    /// Write errors.
+    pub fn add_bad_chunks(&self, digests: &[[u8; 32]]) -> Result<()> {
+        if digests.is_empty() {
+            return Ok(());
+        }
+        let p = self.bad_list_path();
+        let mut text = String::new();
+        for d in digests {
+            text.push_str(&hex(d));
+            text.push('\n');
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io("open", &p, e))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io("write", &p, e))
     }
 
     /// Register a running backup: a flock'd file under `.writers/` holding
@@ -318,6 +397,50 @@ impl Drop for Writer {
             let _ = std::fs::remove_file(l.path());
         }
     }
+}
+
+thread_local! {
+    /// This thread's compression context and its level.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    /// This thread's decompression context.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compress `data` with this thread's context (created once per thread
+/// and level: setting up a context costs more than compressing a small chunk).
+///
+/// # Errors
+/// zstd errors.
+pub fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match c.as_mut() {
+            Some((_, z)) => z.compress(data),
+            None => Err(std::io::Error::other("no compression context")),
+        }
+    })
+}
+
+/// zstd-decompress `comp` (at most `capacity` bytes) with this thread's context.
+///
+/// # Errors
+/// zstd errors, output larger than `capacity`.
+pub fn decompress(comp: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(z) => z.decompress(comp, capacity),
+            None => Err(std::io::Error::other("no decompression context")),
+        }
+    })
 }
 
 /// Set the mtime (and atime) of `p` to now; false if it does not exist.

@@ -106,6 +106,9 @@ pub fn verify(
             }
         }
     }
+    // Recorded before the chunks are moved away: a backup reusing a chunk
+    // of its base unseen checks these first (see `crate::gc`).
+    store.add_bad_chunks(&bad.keys().copied().collect::<Vec<_>>())?;
     for d in bad.keys() {
         let p = store.chunk_path(d);
         if p.exists() {
