@@ -75,14 +75,7 @@ impl CephCluster {
     /// are stopped by the guard's drop).
     #[must_use]
     pub fn start(auth: Auth) -> Self {
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK_FILE)
-            .unwrap_or_else(|e| panic!("cannot open {LOCK_FILE}: {e}"));
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .unwrap_or_else(|e| panic!("cannot lock {LOCK_FILE}: {e}"));
+        let lock = crate::host_lock(LOCK_FILE);
         let dir = tempfile::Builder::new()
             .prefix("vzkit-ceph-")
             .tempdir()

@@ -248,3 +248,21 @@ pub fn the_archive(dir: &Path) -> PathBuf {
     assert_eq!(found.len(), 1, "{found:?}");
     found.into_iter().next().expect("one archive")
 }
+
+/// Opens (creating it) the lock file `path` and takes an exclusive `flock` on it, waiting for
+/// other holders (threads or test processes); the lock lasts as long as the returned file.
+///
+/// # Panics
+/// When the file cannot be opened or locked.
+#[must_use]
+pub fn host_lock(path: &str) -> std::fs::File {
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .unwrap_or_else(|e| panic!("cannot lock {path}: {e}"));
+    lock
+}

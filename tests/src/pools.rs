@@ -113,14 +113,7 @@ impl ZfsPool {
     /// As [`ZfsPool::start`].
     #[must_use]
     pub fn start_with_size(size: u64) -> Self {
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK_FILE)
-            .unwrap_or_else(|e| panic!("cannot open {LOCK_FILE}: {e}"));
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .unwrap_or_else(|e| panic!("cannot lock {LOCK_FILE}: {e}"));
+        let lock = crate::host_lock(LOCK_FILE);
         let dir = tempfile::Builder::new()
             .prefix("vzkit-zfs-")
             .tempdir()

@@ -76,14 +76,7 @@ impl Tgt {
     /// When tgt is not installed or tgtd does not come up within 10 s (after cleanup).
     #[must_use]
     pub fn start() -> Self {
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK_FILE)
-            .unwrap_or_else(|e| panic!("cannot open {LOCK_FILE}: {e}"));
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .unwrap_or_else(|e| panic!("cannot lock {LOCK_FILE}: {e}"));
+        let lock = crate::host_lock(LOCK_FILE);
         let dir = tempfile::Builder::new()
             .prefix("vzkit-tgt-")
             .tempdir()
