@@ -702,25 +702,19 @@ fn vzdump_to_dedup_storage_and_pct_restore() {
         ],
         extra: vec![b"etc/vzdump"],
     };
-    tr.ok("pct", &["mount", "100"]);
-    for (vmid, unprivileged) in [(401u32, false), (402, true)] {
-        let id = vmid.to_string();
-        let mut args = vec!["restore", id.as_str(), volid.as_str(), "--storage", "local"];
-        if unprivileged {
-            args.extend(["--unprivileged", "1"]);
+    tr.with_mounted(&["100"], || {
+        for (vmid, unprivileged) in [(401u32, false), (402, true)] {
+            let id = vmid.to_string();
+            let mut args = vec!["restore", id.as_str(), volid.as_str(), "--storage", "local"];
+            if unprivileged {
+                args.extend(["--unprivileged", "1"]);
+            }
+            tr.ok("pct", &args);
+            let root = tr.join(&format!("/var/lib/lxc/{vmid}/rootfs"));
+            let shift = if unprivileged { 100_000 } else { 0 };
+            tr.with_mounted(&[&id], || compare_trees(&src, &root, shift, &sk));
         }
-        tr.ok("pct", &args);
-        tr.ok("pct", &["mount", &id]);
-        let root = tr.join(&format!("/var/lib/lxc/{vmid}/rootfs"));
-        let shift = if unprivileged { 100_000 } else { 0 };
-        let res = std::panic::catch_unwind(|| compare_trees(&src, &root, shift, &sk));
-        tr.ok("pct", &["unmount", &id]);
-        if let Err(p) = res {
-            tr.ok("pct", &["unmount", "100"]);
-            std::panic::resume_unwind(p);
-        }
-    }
-    tr.ok("pct", &["unmount", "100"]);
+    });
 
     tr.ok("pvesm", &["prune-backups", "backups", "--keep-last", "1"]);
     let list: Value =

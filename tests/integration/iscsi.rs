@@ -454,19 +454,12 @@ fn a_lun_is_a_container_mount_point_backed_up_and_restored_onto_dir() {
         .map(|l| format!("{l}\n"))
         .collect();
     r.write("/etc/pve/lxc/100.conf", &without_mp1);
-    r.ok("pct", &["mount", "100"]);
-    r.ok("pct", &["mount", "200"]);
     let dst = r.join("/var/lib/lxc/200/rootfs");
     let sk = Skips {
         meta: vec![b"", b"etc", b"data", b"lost+found", b"data/lost+found"],
         extra: vec![b"etc/vzdump", b"direct"],
     };
-    let res = std::panic::catch_unwind(|| compare_trees(&src, &dst, 0, &sk));
-    r.ok("pct", &["unmount", "200"]);
-    r.ok("pct", &["unmount", "100"]);
-    if let Err(p) = res {
-        std::panic::resume_unwind(p);
-    }
+    r.with_mounted(&["100", "200"], || compare_trees(&src, &dst, 0, &sk));
     assert_clean(&r, Some(&t));
 }
 
@@ -592,23 +585,17 @@ fn managed_mode_allocates_and_frees_luns_through_tgtadm() {
         "{conf}"
     );
     assert_clean(&r, Some(&t));
-    r.ok("pct", &["mount", "300"]);
     let sk = Skips {
         meta: vec![b"", b"etc", b"lost+found"],
         extra: vec![b"etc/vzdump"],
     };
-    for ct in ["301", "302"] {
-        r.ok("pct", &["mount", ct]);
-        let res = std::panic::catch_unwind(|| {
-            compare_trees(&src, &r.join(&format!("/var/lib/lxc/{ct}/rootfs")), 0, &sk);
-        });
-        r.ok("pct", &["unmount", ct]);
-        if let Err(p) = res {
-            r.ok("pct", &["unmount", "300"]);
-            std::panic::resume_unwind(p);
+    r.with_mounted(&["300"], || {
+        for ct in ["301", "302"] {
+            r.with_mounted(&[ct], || {
+                compare_trees(&src, &r.join(&format!("/var/lib/lxc/{ct}/rootfs")), 0, &sk);
+            });
         }
-    }
-    r.ok("pct", &["unmount", "300"]);
+    });
     std::fs::remove_file(r.join("/etc/pve/lxc/302.conf")).unwrap();
     r.ok(
         "pvesm",

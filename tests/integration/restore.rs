@@ -283,13 +283,10 @@ pub(crate) fn compare_trees_with(
 
 /// Mounts the CT with `pct mount`, compares, unmounts.
 fn check_restored_tree(tr: &TestRoot, vmid: u32, src: &Path, shift: u32, simple: bool) {
-    tr.ok("pct", &["mount", &vmid.to_string()]);
     let root = tr.join(&format!("/var/lib/lxc/{vmid}/rootfs"));
-    let res = std::panic::catch_unwind(|| compare_trees(src, &root, shift, &skips(simple)));
-    tr.ok("pct", &["unmount", &vmid.to_string()]);
-    if let Err(p) = res {
-        std::panic::resume_unwind(p);
-    }
+    tr.with_mounted(&[&vmid.to_string()], || {
+        compare_trees(src, &root, shift, &skips(simple));
+    });
 }
 
 /// Nothing of `vmid` is left: no config, no volumes, no mounts, no firewall file.

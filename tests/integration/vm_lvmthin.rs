@@ -718,25 +718,21 @@ async fn snapshot_backup_steps() {
         restored.contains("rootfs: local-lvm:vm-402-disk-0"),
         "{restored}"
     );
-    for id in ["400", "401", "402"] {
-        r.ok("pct", &["mount", id]);
-    }
     let sk = crate::restore::Skips {
         // Each restored ext4 volume has its own fresh lost+found.
         meta: vec![b"", b"etc", b"mnt", b"mnt/data", b"lost+found"],
         extra: vec![b"lost+found", b"etc/vzdump", b"mnt/data/lost+found"],
     };
-    for id in [401, 402] {
-        let dst = r.join(&format!("/var/lib/lxc/{id}/rootfs"));
-        assert_eq!(
-            std::fs::read_to_string(dst.join("root/live.txt")).unwrap(),
-            "live\n"
-        );
-        crate::restore::compare_trees(&root, &dst, 0, &sk);
-    }
-    for id in ["402", "401", "400"] {
-        r.ok("pct", &["unmount", id]);
-    }
+    r.with_mounted(&["400", "401", "402"], || {
+        for id in [401, 402] {
+            let dst = r.join(&format!("/var/lib/lxc/{id}/rootfs"));
+            assert_eq!(
+                std::fs::read_to_string(dst.join("root/live.txt")).unwrap(),
+                "live\n"
+            );
+            crate::restore::compare_trees(&root, &dst, 0, &sk);
+        }
+    });
     ok("umount", &[&bt.to_string_lossy()]);
     step("restored onto dir and onto lvmthin, trees equal");
     println!("lxc-snapshot: all steps passed");

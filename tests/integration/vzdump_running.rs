@@ -868,42 +868,37 @@ fn snapshot_mode_across_btrfs_and_zfs_then_advanced_restore_onto_dir() {
         restored.contains("mp0: local:959/vm-959-disk-1.raw,mp=/mnt/data"),
         "{restored}"
     );
-    r.ok("pct", &["mount", "958"]);
-    r.ok("pct", &["mount", "959"]);
-    let src = r.join("/var/lib/lxc/958/rootfs");
-    let dst = r.join("/var/lib/lxc/959/rootfs");
-    assert_eq!(
-        std::fs::read_to_string(dst.join("mnt/data/live.txt")).unwrap(),
-        "mp\n"
-    );
-    // zfs-fuse's block accounting makes dense files look sparse, so the whole-tree
-    // comparison skips the zfs file's metadata; its content and hard link are checked here.
-    let want = std::fs::read(src.join("mnt/data/sub/file")).unwrap();
-    assert_eq!(std::fs::read(dst.join("mnt/data/sub/file")).unwrap(), want);
-    let (a, b) = (
-        std::fs::metadata(dst.join("mnt/data/sub/file")).unwrap(),
-        std::fs::metadata(dst.join("mnt/data/hard")).unwrap(),
-    );
-    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "hard link not restored");
-    // The ticker inside the container went on writing after the backup.
-    let sk = crate::restore::Skips {
-        meta: vec![
-            b"",
-            b"etc",
-            b"mnt",
-            b"mnt/data",
-            b"root/ticker",
-            b"mnt/data/sub/file",
-            b"mnt/data/hard",
-        ],
-        extra: vec![b"lost+found", b"etc/vzdump", b"mnt/data/lost+found"],
-    };
-    let res = std::panic::catch_unwind(|| crate::restore::compare_trees(&src, &dst, 0, &sk));
-    r.ok("pct", &["unmount", "959"]);
-    r.ok("pct", &["unmount", "958"]);
-    if let Err(p) = res {
-        std::panic::resume_unwind(p);
-    }
+    r.with_mounted(&["958", "959"], || {
+        let src = r.join("/var/lib/lxc/958/rootfs");
+        let dst = r.join("/var/lib/lxc/959/rootfs");
+        assert_eq!(
+            std::fs::read_to_string(dst.join("mnt/data/live.txt")).unwrap(),
+            "mp\n"
+        );
+        // zfs-fuse's block accounting makes dense files look sparse, so the whole-tree
+        // comparison skips the zfs file's metadata; its content and hard link are checked here.
+        let want = std::fs::read(src.join("mnt/data/sub/file")).unwrap();
+        assert_eq!(std::fs::read(dst.join("mnt/data/sub/file")).unwrap(), want);
+        let (a, b) = (
+            std::fs::metadata(dst.join("mnt/data/sub/file")).unwrap(),
+            std::fs::metadata(dst.join("mnt/data/hard")).unwrap(),
+        );
+        assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "hard link not restored");
+        // The ticker inside the container went on writing after the backup.
+        let sk = crate::restore::Skips {
+            meta: vec![
+                b"",
+                b"etc",
+                b"mnt",
+                b"mnt/data",
+                b"root/ticker",
+                b"mnt/data/sub/file",
+                b"mnt/data/hard",
+            ],
+            extra: vec![b"lost+found", b"etc/vzdump", b"mnt/data/lost+found"],
+        };
+        crate::restore::compare_trees(&src, &dst, 0, &sk);
+    });
 }
 
 /// Snapshot mode with the rootfs on a zfs pool and a `backup=1` mount point on btrfs. A
@@ -1036,10 +1031,7 @@ fn snapshot_mode_rootfs_on_zfs_failing_then_restored_onto_dir_and_back_onto_zfs(
         restored.contains("mp0: bt:962/subvol-962-disk-0.subvol,mp=/mnt/data"),
         "{restored}"
     );
-    for id in ["960", "961", "962"] {
-        r.ok("pct", &["mount", id]);
-    }
-    let res = std::panic::catch_unwind(|| {
+    r.with_mounted(&["960", "961", "962"], || {
         let src = r.join("/var/lib/lxc/960/rootfs");
         for id in [961, 962] {
             let dst = r.join(&format!("/var/lib/lxc/{id}/rootfs"));
@@ -1060,12 +1052,6 @@ fn snapshot_mode_rootfs_on_zfs_failing_then_restored_onto_dir_and_back_onto_zfs(
             crate::restore::compare_trees_with(&src, &dst, 0, &sk, true);
         }
     });
-    for id in ["962", "961", "960"] {
-        r.ok("pct", &["unmount", id]);
-    }
-    if let Err(p) = res {
-        std::panic::resume_unwind(p);
-    }
 }
 
 /// A running container backed up in stop mode into a `dedup` storage, restored with

@@ -149,6 +149,22 @@ impl TestRoot {
         res
     }
 
+    /// Mounts the containers `vmids` in order with `pct mount`, runs `f`, and unmounts them in
+    /// reverse order also when `f` panics (the panic then goes on).
+    ///
+    /// # Panics
+    /// When a mount or unmount fails, or `f` panics.
+    pub fn with_mounted<R>(&self, vmids: &[&str], f: impl FnOnce() -> R) -> R {
+        for id in vmids {
+            self.ok("pct", &["mount", id]);
+        }
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        for id in vmids.iter().rev() {
+            self.ok("pct", &["unmount", id]);
+        }
+        res.unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
     /// `pct restore <vmid> <archive> --rootfs <rootfs> [--mp0 <mp0>]` (advanced mode); returns
     /// the restored container's configuration.
     ///
