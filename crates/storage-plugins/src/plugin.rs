@@ -183,6 +183,20 @@ pub enum VolumeAttribute {
     Protected,
 }
 
+/// PVE's check of a requested volume name for `vmid`: it must start with `vm-<vmid>-`.
+///
+/// # Errors
+/// "illegal name '<name>' - should be 'vm-<vmid>-*'".
+pub fn check_vm_volume_name(vmid: u32, name: &str) -> Result<()> {
+    if name.starts_with(&format!("vm-{vmid}-")) {
+        Ok(())
+    } else {
+        Err(StorageError::Invalid(format!(
+            "illegal name '{name}' - should be 'vm-{vmid}-*'"
+        )))
+    }
+}
+
 impl VolumeAttribute {
     /// Reads the attribute kept in the file `path` (`<archive>.notes`, `<archive>.protected`):
     /// the notes text, `1` for a protected backup, `None` when the file does not exist.

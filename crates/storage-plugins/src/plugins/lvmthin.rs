@@ -328,12 +328,8 @@ impl StoragePlugin for LvmThinPlugin {
                 "unsupported format '{format}'"
             )));
         }
-        if let Some(n) = name
-            && !n.starts_with(&format!("vm-{vmid}-"))
-        {
-            return Err(StorageError::Invalid(format!(
-                "illegal name '{n}' - should be 'vm-{vmid}-*'"
-            )));
+        if let Some(n) = name {
+            crate::plugin::check_vm_volume_name(vmid, n)?;
         }
         if !self.volume_groups().await?.contains(&self.vg) {
             return Err(StorageError::NotFound(format!(

@@ -937,12 +937,8 @@ impl StoragePlugin for RbdPlugin {
                 "illegal format '{format}' - only raw images are supported"
             )));
         }
-        if let Some(n) = name
-            && !n.starts_with(&format!("vm-{vmid}-"))
-        {
-            return Err(StorageError::Invalid(format!(
-                "illegal name '{n}' - should be 'vm-{vmid}-*'"
-            )));
+        if let Some(n) = name {
+            crate::plugin::check_vm_volume_name(vmid, n)?;
         }
         let name = match name {
             Some(n) => n.to_string(),
