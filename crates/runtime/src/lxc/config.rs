@@ -44,6 +44,9 @@ pub struct LxcConfig {
     pub text: String,
     /// The text of `<ct_dir>/rules.seccomp`, when the container needs its own rules.
     pub seccomp_rules: Option<String>,
+    /// The host devices the `devN` entries pass through, by path (their nodes are made
+    /// before the start).
+    pub devices: BTreeMap<String, super::devices::DevNode>,
 }
 
 /// Parsed `features` option.
@@ -386,9 +389,17 @@ pub fn generate(vmid: u32, conf: &CtConfig, host: &HostFacts) -> Result<LxcConfi
         let cpus = pick_cpus(&host.host_cpus, cores, vmid);
         line("lxc.cgroup.cpuset.cpus", &cpuset_string(&cpus));
     }
+    // Only the devices this container passes through.
+    let mut devices = BTreeMap::new();
+    for (_, dev) in main.devs()? {
+        if let Some(node) = dev.path.and_then(|p| host.devices.get_key_value(&p)) {
+            devices.insert(node.0.clone(), *node.1);
+        }
+    }
     Ok(LxcConfig {
         text: raw,
         seccomp_rules,
+        devices,
     })
 }
 

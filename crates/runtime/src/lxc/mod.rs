@@ -373,7 +373,7 @@ impl<'a> Lxc<'a> {
         if let Some(rules) = &lxc_conf.seccomp_rules {
             write("rules.seccomp", rules)?;
         }
-        devices::make_nodes(&ct_dir, conf, &devices::probe_all(conf)?)?;
+        devices::make_nodes(&ct_dir, conf, &lxc_conf.devices)?;
         write("config", &lxc_conf.text)?;
         exec_hookscript(self.storages, conf, vmid, Phase::PreStart, warn).await?;
         let log = ct_dir.join("lxc.log");
