@@ -420,9 +420,9 @@ fn killed_backup_leaves_no_snapshot_and_gc_removes_its_chunks() {
 fn killed_gc_loses_no_referenced_chunk() {
     let env = Env::new();
     let src = env.work.join("src");
-    // Many small files: one chunk each, so marking and sweeping take a while.
+    // Many small files, not packed: one chunk each, so marking and sweeping take a while.
     bulk_tree(&src, 3000, 2000, 11);
-    env.backup(&src, 1_700_000_000, &[]);
+    env.backup(&src, 1_700_000_000, &["--pack-below", "0"]);
     // A second version with a third of the files replaced; then the first is removed,
     // so the sweep has garbage to remove.
     for i in (0..3000).step_by(3) {
@@ -432,7 +432,7 @@ fn killed_gc_loses_no_referenced_chunk() {
         )
         .unwrap();
     }
-    env.backup(&src, 1_700_000_010, &[]);
+    env.backup(&src, 1_700_000_010, &["--pack-below", "0"]);
     env.ok(&["remove", &snap_name(1_700_000_000)]);
     settle();
     let mut killed = 0;
@@ -470,19 +470,27 @@ fn killed_gc_loses_no_referenced_chunk() {
 
 #[test]
 #[ignore = "needs root: the store tests run with the other root-only integration tests"]
-fn corrupt_chunk_is_found_and_only_its_file_fails_to_restore() {
+fn corrupt_chunk_is_found_and_only_its_files_fail_to_restore() {
     let env = Env::new();
     let src = env.work.join("src");
     fs::create_dir_all(src.join("etc")).unwrap();
-    // Smaller than the minimum chunk size: one chunk each.
+    // Two small files packed into one chunk (together smaller than the minimum chunk
+    // size), and a larger file with a chunk of its own.
     let victim = common::noise(50_000, 3);
     fs::write(src.join("etc/victim"), &victim).unwrap();
-    fs::write(src.join("etc/fine"), common::noise(50_000, 4)).unwrap();
-    fs::write(src.join("other"), b"unaffected\n").unwrap();
+    fs::write(src.join("neighbour"), b"packed with the victim\n").unwrap();
+    fs::write(src.join("etc/fine"), common::noise(100_000, 4)).unwrap();
     settle();
-    env.backup(&src, 1_700_000_000, &[]);
+    let st = env.backup(&src, 1_700_000_000, &[]);
+    // The config's chunk, fine's and the pack chunk.
+    assert_eq!(num(&st, "chunks-new"), 3, "{st}");
     let snap = snap_name(1_700_000_000);
-    let chunk = env.chunk_path(&victim);
+    let packed = [victim.as_slice(), b"packed with the victim\n"].concat();
+    let chunk = env.chunk_path(&packed);
+    assert!(
+        env.chunk_path(&fs::read(src.join("etc/fine")).unwrap())
+            .exists()
+    );
     let mut bytes = fs::read(&chunk).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
@@ -494,8 +502,9 @@ fn corrupt_chunk_is_found_and_only_its_file_fails_to_restore() {
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("file './etc/victim' not restored"), "{err}");
+    assert!(err.contains("file './neighbour' not restored"), "{err}");
     assert!(!dst.join("etc/victim").exists());
-    assert_eq!(fs::read(dst.join("other")).unwrap(), b"unaffected\n");
+    assert!(!dst.join("neighbour").exists());
     assert_eq!(
         fs::read(dst.join("etc/fine")).unwrap(),
         fs::read(src.join("etc/fine")).unwrap()
@@ -504,9 +513,15 @@ fn corrupt_chunk_is_found_and_only_its_file_fails_to_restore() {
     let o = env.run(&["verify", &snap]);
     assert_eq!(o.status.code(), Some(2));
     let out = String::from_utf8_lossy(&o.stdout);
-    let digest = blake3::hash(&victim).to_hex().to_string();
-    assert!(out.contains(&format!("bad chunk {digest}")), "{out}");
+    let digest = blake3::hash(&packed).to_hex().to_string();
+    assert!(
+        out.contains(&format!(
+            "bad chunk {digest}: content does not match its digest"
+        )),
+        "{out}"
+    );
     assert!(out.contains("used by ./etc/victim"), "{out}");
+    assert!(out.contains("used by ./neighbour"), "{out}");
     let v: Value = serde_json::from_str(&env.ok(&["list"])).unwrap();
     assert_eq!(v[0]["verification"], "failed");
     assert!(!chunk.exists(), "the bad chunk is moved away");
@@ -520,9 +535,10 @@ fn corrupt_chunk_is_found_and_only_its_file_fails_to_restore() {
     assert!(String::from_utf8_lossy(&export.stderr).contains("./etc/victim"));
     assert!(!env.work.join("x.tar.zst").exists());
 
-    // The next backup (metadata mode: the file is unchanged) writes the chunk again.
+    // The next backup (metadata mode: the files are unchanged) reads the files of the
+    // bad chunk again and so writes it again.
     let st = env.backup(&src, 1_700_000_010, &[]);
-    assert_eq!(num(&st, "files-read"), 1, "{st}");
+    assert_eq!(num(&st, "files-read"), 2, "{st}");
     assert!(chunk.exists());
     let out = env.ok(&["verify", &snap_name(1_700_000_010)]);
     assert!(out.contains(": ok"), "{out}");

@@ -4,8 +4,21 @@
 //! compress (zstd) and write them. Unchanged files (see the crate docs)
 //! reuse the previous snapshot's entry and chunk list without being
 //! opened.
+//!
+//! Files of at least [`BackupOptions::pack_below`] bytes (and sparse files)
+//! are chunked on their own, so that a copied or renamed large file
+//! deduplicates from its first byte. Smaller files are packed: their data
+//! is appended to one pack stream per backup, which is cut by the same
+//! content-defined chunker, and each of them refers to its slice of one
+//! or two pack chunks. One chunk file per small file would make creating
+//! chunk files (inodes) the largest cost of a first backup of a container
+//! tree, most of whose files are small. Catalog records wait in a bounded
+//! queue until the pack chunk holding the end of their data is cut (a cut
+//! is forced when the queue is full), so the catalog stays in stream
+//! order. Unchanged small files keep referring to the chunks they were
+//! packed into; changed ones are packed anew.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -66,6 +79,9 @@ pub struct BackupOptions {
     pub threads: usize,
     /// Host → container id map (unprivileged containers).
     pub id_map: Option<IdMap>,
+    /// Regular files smaller than this are packed into shared chunks (see
+    /// the module docs); 0 gives every file chunks of its own.
+    pub pack_below: u64,
 }
 
 impl BackupOptions {
@@ -80,6 +96,7 @@ impl BackupOptions {
             level: 3,
             threads: 0,
             id_map: None,
+            pack_below: ChunkSizes::default().min as u64,
         }
     }
 }
@@ -264,6 +281,37 @@ impl PrevCursor {
     }
 }
 
+/// A small file's data in the pack stream; `end` is `None` while the
+/// file is being read.
+struct Span {
+    seq: u64,
+    start: u64,
+    end: Option<u64>,
+}
+
+/// The pack stream of small files' data.
+struct Pack {
+    chunker: Chunker,
+    /// Bytes pushed so far.
+    pos: u64,
+    /// Stream offset of the chunk being filled.
+    cut: u64,
+    /// Files with data in the chunk being filled, in stream order.
+    spans: VecDeque<Span>,
+}
+
+/// Catalog records waiting for the pack chunk that ends their data; a
+/// record is written once it and all before it are complete.
+#[derive(Default)]
+struct Queue {
+    members: VecDeque<(Member, bool)>,
+    /// Sequence number of the first queued record.
+    base: u64,
+}
+
+/// Queued records beyond which the pack chunk being filled is cut early.
+const QUEUE_MAX: usize = 16_384;
+
 /// Everything of a running backup except the walker.
 struct State {
     store: Store,
@@ -274,6 +322,10 @@ struct State {
     seen: HashSet<[u8; 32]>,
     pool: Pool,
     chunker: Chunker,
+    pack: Pack,
+    queue: Queue,
+    /// [`QUEUE_MAX`] (smaller in tests).
+    queue_max: usize,
     stats: BackupStats,
     start_ns: i64,
 }
@@ -284,24 +336,146 @@ struct State {
 const RACY_NS: i64 = 1_000_000_000;
 
 impl State {
-    fn emit(&mut self, m: &Member) -> Result<()> {
+    /// Write a complete record, after the queued ones.
+    fn emit(&mut self, m: Member) -> Result<()> {
         self.stats.members += 1;
         self.stats.logical_size += m.stream_len()?;
-        self.catalog.push(m)
+        if self.queue.members.is_empty() {
+            self.catalog.push(&m)
+        } else {
+            self.queue.members.push_back((m, true));
+            self.drain_queue()
+        }
+    }
+
+    /// Write the complete records at the head of the queue.
+    fn drain_queue(&mut self) -> Result<()> {
+        while self.queue.members.front().is_some_and(|(_, done)| *done) {
+            if let Some((m, _)) = self.queue.members.pop_front() {
+                self.catalog.push(&m)?;
+                self.queue.base += 1;
+            }
+        }
+        if self.queue.members.len() >= self.queue_max {
+            self.cut_pack()?;
+        }
+        Ok(())
     }
 
     /// Hash a chunk and queue it for writing unless known.
-    fn add_chunk(&mut self, data: &[u8], out: &mut Vec<ChunkRef>) -> Result<()> {
+    fn store_chunk(&mut self, data: &[u8]) -> Result<[u8; 32]> {
         let d = *blake3::hash(data).as_bytes();
-        out.push(ChunkRef {
-            digest: d,
-            len: u32::try_from(data.len()).unwrap_or(u32::MAX),
-        });
-        self.stats.chunks += 1;
         if self.seen.insert(d) && !self.store.touch_chunk(&d)? {
             self.pool.send((d, data.to_vec()))?;
         }
+        Ok(d)
+    }
+
+    fn add_chunk(&mut self, data: &[u8], out: &mut Vec<ChunkRef>) -> Result<()> {
+        let d = self.store_chunk(data)?;
+        out.push(ChunkRef::whole(
+            d,
+            u32::try_from(data.len()).unwrap_or(u32::MAX),
+        ));
+        self.stats.chunks += 1;
         Ok(())
+    }
+
+    /// A chunk of the pack stream: the slices of it go to the records of
+    /// the files whose data it holds.
+    fn pack_chunk(&mut self, data: &[u8]) -> Result<()> {
+        let d = self.store_chunk(data)?;
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let (cs, ce) = (self.pack.cut, self.pack.cut + data.len() as u64);
+        self.pack.cut = ce;
+        while let Some(sp) = self.pack.spans.front() {
+            let (seq, start, end) = (sp.seq, sp.start.max(cs), sp.end);
+            let stop = end.map_or(ce, |e| e.min(ce));
+            if stop > start {
+                let i = usize::try_from(seq - self.queue.base).unwrap_or(usize::MAX);
+                let Some((m, _)) = self.queue.members.get_mut(i) else {
+                    return Err(Error::Invalid("pack stream out of order".into()));
+                };
+                m.chunks.push(ChunkRef {
+                    digest: d,
+                    len,
+                    offset: u32::try_from(start - cs).unwrap_or(u32::MAX),
+                    used: u32::try_from(stop - start).unwrap_or(u32::MAX),
+                });
+                self.stats.chunks += 1;
+            }
+            if end.is_some_and(|e| e <= ce) {
+                self.pack.spans.pop_front();
+                self.complete(seq);
+            } else {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, seq: u64) {
+        let i = usize::try_from(seq - self.queue.base).unwrap_or(usize::MAX);
+        if let Some((_, done)) = self.queue.members.get_mut(i) {
+            *done = true;
+        }
+    }
+
+    /// Cut the pack stream here (end of the backup, or a full queue).
+    fn cut_pack(&mut self) -> Result<()> {
+        let mut ch = std::mem::replace(&mut self.pack.chunker, Chunker::new(self.opts.chunk_sizes));
+        let r = ch.finish(&mut |c| self.pack_chunk(c));
+        self.pack.chunker = ch;
+        r?;
+        // Only spans of files still being read can remain.
+        if self.pack.spans.iter().any(|s| s.end.is_some()) {
+            return Err(Error::Invalid("pack stream left a file unfinished".into()));
+        }
+        while let Some((m, done)) = self.queue.members.front() {
+            if !*done {
+                break;
+            }
+            self.catalog.push(m)?;
+            self.queue.members.pop_front();
+            self.queue.base += 1;
+        }
+        Ok(())
+    }
+
+    /// Read a small file into the pack stream; its record waits in the
+    /// queue until its last byte is in a cut chunk.
+    fn pack_file(&mut self, m: Member, data: &mut FileData<'_>) -> Result<()> {
+        self.stats.members += 1;
+        self.stats.logical_size += m.stream_len()?;
+        let seq = self.queue.base + self.queue.members.len() as u64;
+        self.queue.members.push_back((m, false));
+        self.pack.spans.push_back(Span {
+            seq,
+            start: self.pack.pos,
+            end: None,
+        });
+        let mut ch = std::mem::replace(&mut self.pack.chunker, Chunker::new(self.opts.chunk_sizes));
+        let mut err: Option<Error> = None;
+        let r = data.read(&mut |b| {
+            self.pack.pos += b.len() as u64;
+            ch.push(b, &mut |c| self.pack_chunk(c)).map_err(|e| {
+                let msg = e.to_string();
+                err = Some(e);
+                ArchiveError::Stream(std::io::Error::other(msg))
+            })
+        });
+        self.pack.chunker = ch;
+        if let Err(e) = r {
+            return Err(err.unwrap_or(Error::Archive(e)));
+        }
+        let end = self.pack.pos;
+        if end <= self.pack.cut {
+            self.pack.spans.pop_back();
+            self.complete(seq);
+        } else if let Some(sp) = self.pack.spans.back_mut() {
+            sp.end = Some(end);
+        }
+        self.drain_queue()
     }
 
     fn add_bytes(&mut self, data: &[u8]) -> Result<Vec<ChunkRef>> {
@@ -398,7 +572,7 @@ impl State {
             data_size: m.size,
             sparse: m.sparse.is_some(),
         };
-        self.emit(&m)?;
+        self.emit(m)?;
         Ok(Some(r))
     }
 
@@ -443,6 +617,9 @@ impl State {
             self.stats.files_reused += 1;
             self.stats.chunks += chunks.len() as u64;
             m.chunks = chunks;
+        } else if h.size > 0 && h.size < self.opts.pack_below && h.sparse.is_none() {
+            self.stats.files_read += 1;
+            return self.pack_file(m, data);
         } else {
             self.stats.files_read += 1;
             let mut chunks = Vec::new();
@@ -465,7 +642,7 @@ impl State {
             r?;
             m.chunks = chunks;
         }
-        self.emit(&m)
+        self.emit(m)
     }
 }
 
@@ -479,7 +656,7 @@ fn to_archive(e: Error) -> ArchiveError {
 impl TreeSink for State {
     fn entry(&mut self, h: &MemberHeader<'_>) -> vzkit_archive::Result<()> {
         let m = Member::from_header(h, self.tree);
-        self.emit(&m).map_err(to_archive)
+        self.emit(m).map_err(to_archive)
     }
 
     fn file(
@@ -610,6 +787,14 @@ impl Backup {
             state: State {
                 store: store.clone(),
                 chunker: Chunker::new(opts.chunk_sizes),
+                pack: Pack {
+                    chunker: Chunker::new(opts.chunk_sizes),
+                    pos: 0,
+                    cut: 0,
+                    spans: VecDeque::new(),
+                },
+                queue: Queue::default(),
+                queue_max: QUEUE_MAX,
                 opts,
                 catalog,
                 prev,
@@ -669,7 +854,7 @@ impl Backup {
             "./etc/vzdump/pct.fw" => self.firewall = Some(data.to_vec()),
             _ => {}
         }
-        self.state.emit(&m)
+        self.state.emit(m)
     }
 
     /// Add the tree at `src` under `member_prefix` (as
@@ -705,6 +890,10 @@ impl Backup {
     /// # Errors
     /// Store errors; the temporary directory is then removed.
     pub fn finish(mut self) -> Result<BackupResult> {
+        self.state.cut_pack()?;
+        if !self.state.queue.members.is_empty() {
+            return Err(Error::Invalid("catalog records left unwritten".into()));
+        }
         self.state.pool.finish()?;
         let st = &mut self.state;
         st.stats.chunks_new = st.pool.new_chunks.load(Ordering::Relaxed);
@@ -851,6 +1040,89 @@ mod tests {
             .read_to_end(&mut got)
             .unwrap();
         got
+    }
+
+    /// Many small files of varied sizes, some larger than the pack limit.
+    fn small_tree(root: &Path, seed: u32) {
+        for i in 0..300u32 {
+            let d = root.join(format!("d{}", i % 7));
+            std::fs::create_dir_all(&d).unwrap();
+            let len = ((i * 7919 + seed) % 9000) as usize;
+            let data: Vec<u8> = (0..len as u32)
+                .map(|j| (j.wrapping_mul(2_654_435_761) ^ (i * 31 + seed)) as u8)
+                .collect();
+            std::fs::write(d.join(format!("f{i}")), data).unwrap();
+            if i % 50 == 0 {
+                std::os::unix::fs::symlink(format!("f{i}"), d.join(format!("l{i}"))).unwrap();
+            }
+        }
+    }
+
+    fn small_opts(time: i64) -> BackupOptions {
+        let mut o = BackupOptions::new(100);
+        o.time = Some(time);
+        o.chunk_sizes = ChunkSizes {
+            min: 4 << 10,
+            avg: 16 << 10,
+            max: 64 << 10,
+        };
+        o.pack_below = 8000;
+        o
+    }
+
+    #[test]
+    fn small_files_share_chunks_and_restore_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        small_tree(&src, 1);
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir).unwrap();
+        let store = Store::open(&store_dir).unwrap();
+        let want = {
+            let mut w = ArchiveWriter::new(Vec::new());
+            w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+            w.finish().unwrap()
+        };
+        let backup = |o: BackupOptions, queue_max: usize| {
+            let mut b = Backup::start(&store, o).unwrap();
+            b.state.start_ns = i64::MAX / 2;
+            b.state.queue_max = queue_max;
+            b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+            b.finish().unwrap()
+        };
+        let first = backup(small_opts(1_700_000_000), QUEUE_MAX);
+        assert_eq!(first.stats.files, 300);
+        // ~1.3 MB in 300 files: a few dozen chunks, most of them shared.
+        assert!(first.stats.chunks_new < 120, "{:?}", first.stats);
+        assert!(
+            first.stats.chunks > first.stats.chunks_new,
+            "{:?}",
+            first.stats
+        );
+        assert!(stream(&store, &first.snapshot) == want, "stream differs");
+
+        // Reading everything again cuts the pack stream at the same places.
+        let mut o = small_opts(1_700_000_010);
+        o.change_detection = ChangeDetection::Data;
+        let again = backup(o, QUEUE_MAX);
+        assert_eq!(again.stats.files_read, 300);
+        assert_eq!(again.stats.chunks_new, 0, "{:?}", again.stats);
+
+        // A tiny queue forces early cuts; the stream is still exact.
+        let mut o = small_opts(1_700_000_020);
+        o.change_detection = ChangeDetection::Data;
+        let cut = backup(o, 3);
+        assert!(stream(&store, &cut.snapshot) == want, "stream differs");
+
+        // A changed small file is packed anew; the others keep their slices.
+        std::fs::write(src.join("d3/f3"), b"changed").unwrap();
+        let changed = backup(small_opts(1_700_000_030), QUEUE_MAX);
+        assert_eq!(changed.stats.files_read, 1, "{:?}", changed.stats);
+        assert_eq!(changed.stats.chunks_new, 1, "{:?}", changed.stats);
+        let mut w = ArchiveWriter::new(Vec::new());
+        w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        assert!(stream(&store, &changed.snapshot) == w.finish().unwrap());
+        assert!(stream(&store, &first.snapshot) == want);
     }
 
     #[test]

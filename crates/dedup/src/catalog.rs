@@ -11,10 +11,16 @@
 //! `u64 size`, `opt bytes link`, `u32 major`, `u32 minor`, `opt sparse`
 //! (`u64 real size`, `u32 n`, n × (`u64 offset`, `u64 length`)), `opt bytes
 //! acl_access`, `opt bytes acl_default`, `u32 n` × (`bytes name`, `bytes
-//! value`) xattrs, `u8 flags` (1: stat key present, 2: key is racy), the
-//! stat key (`u64 dev, ino, size`, `i64 mtime_ns, ctime_ns`, `u32 mode, uid,
-//! gid`) if present, `u32 n` × (`[u8; 32] digest`, `u32 length`) chunks.
-//! `bytes` is `u32 length` + data, `opt` is `u8 0|1` + value.
+//! value`) xattrs, `u8 flags` (1: stat key present, 2: key is racy, 4:
+//! chunk references carry slices), the stat key (`u64 dev, ino, size`, `i64
+//! mtime_ns, ctime_ns`, `u32 mode, uid, gid`) if present, `u32 n` ×
+//! (`[u8; 32] digest`, `u32 length`, with flag 4 also `u32 offset`, `u32
+//! used`) chunks. `bytes` is `u32 length` + data, `opt` is `u8 0|1` + value.
+//!
+//! A member's data is the concatenation of its chunk references' slices:
+//! bytes `offset..offset + used` of each chunk. Large files own their
+//! chunks (whole slices); small files are packed together, several to a
+//! chunk (see [`crate::backup`]).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -25,13 +31,45 @@ use vzkit_archive::{MemberKind, SparseRegion, StatKey};
 
 use crate::error::{Error, Result};
 
-/// A chunk reference: blake3 digest of the uncompressed data and its length.
+/// A chunk reference: blake3 digest of the uncompressed data, its length,
+/// and the slice of it that belongs to the member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChunkRef {
     /// blake3 of the uncompressed chunk.
     pub digest: [u8; 32],
-    /// Uncompressed length.
+    /// Uncompressed length of the whole chunk.
     pub len: u32,
+    /// Start of the member's bytes in the chunk.
+    pub offset: u32,
+    /// Number of the member's bytes in the chunk.
+    pub used: u32,
+}
+
+impl ChunkRef {
+    /// A reference to all of a chunk.
+    #[must_use]
+    pub fn whole(digest: [u8; 32], len: u32) -> ChunkRef {
+        ChunkRef {
+            digest,
+            len,
+            offset: 0,
+            used: len,
+        }
+    }
+
+    /// The reference covers its whole chunk.
+    #[must_use]
+    pub fn is_whole(&self) -> bool {
+        self.offset == 0 && self.used == self.len
+    }
+
+    /// The member's bytes out of the chunk's data.
+    #[must_use]
+    pub fn slice<'a>(&self, data: &'a [u8]) -> &'a [u8] {
+        let start = (self.offset as usize).min(data.len());
+        let end = (start + self.used as usize).min(data.len());
+        &data[start..end]
+    }
 }
 
 /// Tree index of members not from a tree walk (config files).
@@ -224,7 +262,8 @@ pub fn encode(m: &Member) -> Vec<u8> {
         put_bytes(&mut o, n);
         put_bytes(&mut o, v);
     }
-    let flags = u8::from(m.key.is_some()) | (u8::from(m.racy) << 1);
+    let sliced = m.chunks.iter().any(|c| !c.is_whole());
+    let flags = u8::from(m.key.is_some()) | (u8::from(m.racy) << 1) | (u8::from(sliced) << 2);
     o.push(flags);
     if let Some(k) = &m.key {
         for v in [k.dev, k.ino, k.size] {
@@ -240,6 +279,10 @@ pub fn encode(m: &Member) -> Vec<u8> {
     for c in &m.chunks {
         o.extend_from_slice(&c.digest);
         o.extend_from_slice(&c.len.to_le_bytes());
+        if sliced {
+            o.extend_from_slice(&c.offset.to_le_bytes());
+            o.extend_from_slice(&c.used.to_le_bytes());
+        }
     }
     o
 }
@@ -346,10 +389,22 @@ pub fn decode(b: &[u8]) -> Option<Member> {
     let mut chunks = Vec::with_capacity(nc.min(1 << 16));
     for _ in 0..nc {
         let digest: [u8; 32] = c.take(32)?.try_into().ok()?;
-        chunks.push(ChunkRef {
-            digest,
-            len: c.u32()?,
-        });
+        let len = c.u32()?;
+        let r = if flags & 4 != 0 {
+            let (offset, used) = (c.u32()?, c.u32()?);
+            if u64::from(offset) + u64::from(used) > u64::from(len) {
+                return None;
+            }
+            ChunkRef {
+                digest,
+                len,
+                offset,
+                used,
+            }
+        } else {
+            ChunkRef::whole(digest, len)
+        };
+        chunks.push(r);
     }
     if !c.0.is_empty() {
         return None;
@@ -374,7 +429,7 @@ pub fn decode(b: &[u8]) -> Option<Member> {
         racy: flags & 2 != 0,
         chunks,
     };
-    let total: u64 = m.chunks.iter().map(|c| u64::from(c.len)).sum();
+    let total: u64 = m.chunks.iter().map(|c| u64::from(c.used)).sum();
     (total == m.size || m.kind != MemberKind::Regular).then_some(m)
 }
 
@@ -575,15 +630,35 @@ mod tests {
                 gid: 5,
             }),
             racy: true,
-            chunks: vec![ChunkRef {
-                digest: [7; 32],
-                len: 10,
-            }],
+            chunks: vec![ChunkRef::whole([7; 32], 10)],
         };
         assert_eq!(decode(&encode(&m)), Some(m.clone()));
         let mut bad = encode(&m);
         bad.pop();
         assert_eq!(decode(&bad), None);
+
+        // Slices of packed chunks.
+        let mut p = m.clone();
+        p.chunks = vec![
+            ChunkRef {
+                digest: [8; 32],
+                len: 100,
+                offset: 95,
+                used: 5,
+            },
+            ChunkRef {
+                digest: [9; 32],
+                len: 50,
+                offset: 0,
+                used: 5,
+            },
+        ];
+        let e = encode(&p);
+        assert_eq!(e.len(), encode(&m).len() + 36 + 16);
+        assert_eq!(decode(&e), Some(p.clone()));
+        // A slice past the end of its chunk is refused.
+        p.chunks[0].used = 6;
+        assert_eq!(decode(&encode(&p)), None);
     }
 
     #[test]

@@ -466,11 +466,13 @@ pub type Filter = Box<dyn FnMut(&Member) -> bool + Send>;
 
 /// Batches in flight ahead of the reader.
 const READ_AHEAD: usize = 8;
-/// A batch is closed at this many chunks or uncompressed chunk bytes:
-/// small files go to the reading threads many at a time (one hand-over
-/// per chunk cost more thread switches than reading the chunk).
+/// A batch is closed at this many distinct chunks, member bytes or stream
+/// pieces: small files go to the reading threads many at a time (one
+/// hand-over per chunk cost more thread switches than reading the chunk);
+/// consecutive slices of one packed chunk are read once per batch.
 const BATCH_CHUNKS: usize = 64;
 const BATCH_BYTES: u64 = 1 << 20;
+const BATCH_SEGS: usize = 1024;
 
 /// A piece of the stream in a batch.
 enum Seg {
@@ -481,7 +483,8 @@ enum Seg {
         member: std::sync::Arc<str>,
         /// Real size and mtime of the member (to recognize the restored file).
         written: (u64, i64),
-        len: u32,
+        /// The member's bytes in the chunk.
+        used: u32,
         /// Padding after this chunk (the member's last chunk only).
         pad: usize,
     },
@@ -512,6 +515,8 @@ type ChunkJob = (
 struct Collect {
     segs: Vec<Seg>,
     refs: Vec<crate::catalog::ChunkRef>,
+    /// Distinct chunks in `refs` (consecutive equal digests count once).
+    chunks: usize,
     bytes: u64,
 }
 
@@ -533,6 +538,7 @@ impl Collect {
             Some(rx)
         };
         self.bytes = 0;
+        self.chunks = 0;
         out.send(Item::Batch {
             segs: std::mem::take(&mut self.segs),
             rx,
@@ -568,6 +574,35 @@ impl std::fmt::Debug for TarStream {
             .field("failures", &self.failures)
             .finish_non_exhaustive()
     }
+}
+
+/// The data of each reference, in order; a chunk referred to by
+/// consecutive references (small files packed into it) is read once.
+fn read_slices(store: &Store, refs: &[crate::catalog::ChunkRef]) -> Batch {
+    let mut out = Vec::with_capacity(refs.len());
+    let mut i = 0;
+    while i < refs.len() {
+        let d = refs[i].digest;
+        let j = i + refs[i..].iter().take_while(|r| r.digest == d).count();
+        match store.read_chunk(&d, refs[i].len) {
+            Ok(data) if j == i + 1 && refs[i].is_whole() => out.push(Ok(data)),
+            Ok(data) => out.extend(refs[i..j].iter().map(|r| Ok(r.slice(&data).to_vec()))),
+            Err(e) => {
+                let message = match e {
+                    Error::BadChunk { message, .. } => message,
+                    e => e.to_string(),
+                };
+                out.extend((i..j).map(|_| {
+                    Err(Error::BadChunk {
+                        digest: crate::store::hex(&d),
+                        message: message.clone(),
+                    })
+                }));
+            }
+        }
+        i = j;
+    }
+    out
 }
 
 fn produce(
@@ -609,19 +644,22 @@ fn produce(
         let written = (m.sparse.as_ref().map_or(m.size, |(s, _)| *s), m.mtime);
         let n = m.chunks.len();
         for (i, c) in m.chunks.iter().enumerate() {
+            if b.refs.last().is_none_or(|l| l.digest != c.digest) {
+                b.chunks += 1;
+            }
             b.refs.push(*c);
-            b.bytes += u64::from(c.len);
+            b.bytes += u64::from(c.used);
             b.segs.push(Seg::Chunk {
                 member: std::sync::Arc::clone(&member),
                 written,
-                len: c.len,
+                used: c.used,
                 pad: if i + 1 == n { padding(m.size) } else { 0 },
             });
-            if b.refs.len() >= BATCH_CHUNKS || b.bytes >= BATCH_BYTES {
+            if b.chunks >= BATCH_CHUNKS || b.bytes >= BATCH_BYTES {
                 b.flush(out, jobs)?;
             }
         }
-        if b.segs.len() >= 2 * BATCH_CHUNKS {
+        if b.segs.len() >= BATCH_SEGS {
             b.flush(out, jobs)?;
         }
     }
@@ -663,11 +701,7 @@ impl TarStream {
                         Err(_) => return,
                     };
                     let Ok((refs, tx)) = job else { return };
-                    let _ = tx.send(
-                        refs.iter()
-                            .map(|c| store.read_chunk(&c.digest, c.len))
-                            .collect(),
-                    );
+                    let _ = tx.send(read_slices(&store, &refs));
                 }
             });
         }
@@ -706,7 +740,7 @@ impl TarStream {
                         Seg::Chunk {
                             member,
                             written,
-                            len,
+                            used,
                             pad,
                         } => {
                             let res = data.next().unwrap_or_else(|| {
@@ -730,7 +764,7 @@ impl TarStream {
                                             written,
                                         });
                                     }
-                                    self.queue.push_back(vec![0; len as usize + pad]);
+                                    self.queue.push_back(vec![0; used as usize + pad]);
                                 }
                             }
                         }

@@ -97,7 +97,10 @@ pub fn verify(
                             c.digest,
                             BadChunk {
                                 digest: hex(&c.digest),
-                                error: e.to_string(),
+                                error: match e {
+                                    Error::BadChunk { message, .. } => message,
+                                    e => e.to_string(),
+                                },
                                 files: vec![m.name_lossy()],
                             },
                         );

@@ -68,6 +68,10 @@ enum Cmd {
         /// Average chunk size in KiB (min = avg/4, max = avg*4); for measurements.
         #[arg(long, hide = true)]
         chunk_avg_kib: Option<usize>,
+        /// Files smaller than this many bytes share chunks (default: the minimum chunk
+        /// size); 0 gives every file chunks of its own.
+        #[arg(long)]
+        pack_below: Option<u64>,
     },
     /// List snapshots.
     List {
@@ -209,6 +213,7 @@ fn run(cli: Cli) -> Result<u8> {
             time,
             level,
             chunk_avg_kib,
+            pack_below,
         } => {
             let mut o = BackupOptions::new(vmid);
             o.change_detection = change_detection.parse::<ChangeDetection>()?;
@@ -221,6 +226,10 @@ fn run(cli: Cli) -> Result<u8> {
                     avg,
                     max: avg * 4,
                 };
+                o.pack_below = (avg / 4) as u64;
+            }
+            if let Some(p) = pack_below {
+                o.pack_below = p;
             }
             o.id_map = unprivileged.then(IdMap::pve_default_unprivileged);
             let (excludes, bad) = ExcludeSet::from_vzdump_patterns(&exclude);
