@@ -739,3 +739,106 @@ fn vzdump_to_dedup_storage_and_pct_restore() {
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["volid"].as_str().unwrap(), volid);
 }
+
+/// `vzdump --storage <dedup> --bwlimit`: file data is read at the limit, and a SIGTERM in
+/// the middle stops the job like a tar backup: "interrupted by signal", no snapshot and no
+/// temporary directory left in the store, the container unlocked and unmounted.
+#[test]
+#[ignore = "needs root: loop devices, ext4 images, mounts"]
+fn vzdump_to_dedup_storage_honours_bwlimit_and_signals() {
+    use vzkit_tests::{TestRoot, bin};
+    let tr = TestRoot::new();
+    let store = tr.join("/srv/backups");
+    tr.write(
+        "/etc/pve/storage.cfg",
+        &format!(
+            "dir: local\n\tpath {}\n\tcontent backup,rootdir,images,vztmpl\n\n\
+             dedup: backups\n\tpath {}\n\tcontent backup\n",
+            tr.join("/var/lib/vz").display(),
+            store.display()
+        ),
+    );
+    tr.write(
+        "/etc/pve/lxc/100.conf",
+        "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
+    );
+    tr.ok("pct", &["set", "100", "--rootfs", "local:0.1"]);
+    tr.with_mounted(&["100"], || {
+        let src = tr.join("/var/lib/lxc/100/rootfs");
+        fs::write(src.join("big"), noise(3 << 20, 31)).unwrap();
+    });
+    // 3 MiB at 1 MiB/s.
+    let t = Instant::now();
+    let o = tr.run(
+        "vzdump",
+        &["100", "--storage", "backups", "--bwlimit", "1024"],
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(t.elapsed() >= Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(log.contains("INFO: bandwidth limit: 1024 KiB/s"), "{log}");
+    let snaps: Value =
+        serde_json::from_str(&tr.ok("pvesm", &["list", "backups", "--output-format", "json"]))
+            .unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 1, "{snaps}");
+
+    // Interrupted: SIGTERM one second into the paced reads of a full re-read.
+    std::thread::sleep(Duration::from_millis(1100));
+    let child = Command::new(bin("vzdump"))
+        .args([
+            "100",
+            "--storage",
+            "backups",
+            "--bwlimit",
+            "1024",
+            "--change-detection",
+            "data",
+        ])
+        .env("VZKIT_ROOT", tr.path())
+        .env("TZ", "UTC")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the temporary snapshot", || {
+        fs::read_dir(store.join("ct/100"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let t = Instant::now();
+    common::run(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string()),
+    );
+    let out = child.wait_with_output().unwrap();
+    // Stopped at the next paced read, not after the remaining ~2 s of reading.
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("INFO: bandwidth limit: 1024 KiB/s"), "{err}");
+    assert!(
+        err.contains("ERROR: Backup of VM 100 failed - interrupted by signal"),
+        "{err}"
+    );
+    assert!(
+        err.contains("ERROR: Backup job failed - interrupted by signal"),
+        "{err}"
+    );
+    let left: Vec<_> = fs::read_dir(store.join("ct/100"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert_eq!(left.len(), 1, "only the first snapshot: {left:?}");
+    assert!(!tr.read("/etc/pve/lxc/100.conf").contains("lock:"));
+    assert!(tr.mounts().is_empty(), "{:?}", tr.mounts());
+}

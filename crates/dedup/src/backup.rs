@@ -20,11 +20,11 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vzkit_archive::header::{self, MemberHeader};
@@ -82,6 +82,11 @@ pub struct BackupOptions {
     /// Regular files smaller than this are packed into shared chunks (see
     /// the module docs); 0 gives every file chunks of its own.
     pub pack_below: u64,
+    /// Limit of file data read, bytes per second (0: none).
+    pub bwlimit: u64,
+    /// When set, the backup stops at the next file or read with an error
+    /// (a signal was received).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl BackupOptions {
@@ -97,6 +102,8 @@ impl BackupOptions {
             threads: 0,
             id_map: None,
             pack_below: ChunkSizes::default().min as u64,
+            bwlimit: 0,
+            cancel: None,
         }
     }
 }
@@ -309,6 +316,13 @@ struct Queue {
     base: u64,
 }
 
+/// Paces reads to a rate: sleeps until the time the bytes so far are due.
+struct RateLimit {
+    rate: u64,
+    start: Instant,
+    read: u64,
+}
+
 /// Queued records beyond which the pack chunk being filled is cut early.
 const QUEUE_MAX: usize = 16_384;
 
@@ -326,6 +340,7 @@ struct State {
     queue: Queue,
     /// [`QUEUE_MAX`] (smaller in tests).
     queue_max: usize,
+    limit: Option<RateLimit>,
     stats: BackupStats,
     start_ns: i64,
 }
@@ -336,6 +351,38 @@ struct State {
 const RACY_NS: i64 = 1_000_000_000;
 
 impl State {
+    /// An error if the backup was cancelled.
+    fn check_cancel(&self) -> Result<()> {
+        if self
+            .opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Err(Error::Invalid("interrupted by signal".into()));
+        }
+        Ok(())
+    }
+
+    /// Account `n` bytes read: wait as the rate limit asks (checking for
+    /// cancellation meanwhile).
+    fn throttle(&mut self, n: usize) -> Result<()> {
+        self.check_cancel()?;
+        let Some(l) = self.limit.as_mut() else {
+            return Ok(());
+        };
+        l.read += n as u64;
+        let due = l.start + Duration::from_secs_f64(l.read as f64 / l.rate as f64);
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                return Ok(());
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(100)));
+            self.check_cancel()?;
+        }
+    }
+
     /// Write a complete record, after the queued ones.
     fn emit(&mut self, m: Member) -> Result<()> {
         self.stats.members += 1;
@@ -458,11 +505,13 @@ impl State {
         let mut err: Option<Error> = None;
         let r = data.read(&mut |b| {
             self.pack.pos += b.len() as u64;
-            ch.push(b, &mut |c| self.pack_chunk(c)).map_err(|e| {
-                let msg = e.to_string();
-                err = Some(e);
-                ArchiveError::Stream(std::io::Error::other(msg))
-            })
+            self.throttle(b.len())
+                .and_then(|()| ch.push(b, &mut |c| self.pack_chunk(c)))
+                .map_err(|e| {
+                    let msg = e.to_string();
+                    err = Some(e);
+                    ArchiveError::Stream(std::io::Error::other(msg))
+                })
         });
         self.pack.chunker = ch;
         if let Err(e) = r {
@@ -626,7 +675,8 @@ impl State {
             let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
             let mut err: Option<Error> = None;
             let r = data.read(&mut |b| {
-                ch.push(b, &mut |c| self.add_chunk(c, &mut chunks))
+                self.throttle(b.len())
+                    .and_then(|()| ch.push(b, &mut |c| self.add_chunk(c, &mut chunks)))
                     .map_err(|e| {
                         let msg = e.to_string();
                         err = Some(e);
@@ -656,7 +706,9 @@ fn to_archive(e: Error) -> ArchiveError {
 impl TreeSink for State {
     fn entry(&mut self, h: &MemberHeader<'_>) -> vzkit_archive::Result<()> {
         let m = Member::from_header(h, self.tree);
-        self.emit(m).map_err(to_archive)
+        self.check_cancel()
+            .and_then(|()| self.emit(m))
+            .map_err(to_archive)
     }
 
     fn file(
@@ -674,7 +726,8 @@ impl TreeSink for State {
         key: &StatKey,
         may_be_sparse: bool,
     ) -> vzkit_archive::Result<Option<vzkit_archive::Reused>> {
-        self.unopened(member, key, may_be_sparse)
+        self.check_cancel()
+            .and_then(|()| self.unopened(member, key, may_be_sparse))
             .map_err(to_archive)
     }
 }
@@ -795,6 +848,11 @@ impl Backup {
                 },
                 queue: Queue::default(),
                 queue_max: QUEUE_MAX,
+                limit: (opts.bwlimit > 0).then(|| RateLimit {
+                    rate: opts.bwlimit,
+                    start: Instant::now(),
+                    read: 0,
+                }),
                 opts,
                 catalog,
                 prev,
@@ -1123,6 +1181,71 @@ mod tests {
         w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
         assert!(stream(&store, &changed.snapshot) == w.finish().unwrap());
         assert!(stream(&store, &first.snapshot) == want);
+    }
+
+    #[test]
+    fn reads_are_paced_and_a_cancelled_backup_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        // 1.5 MiB in a large file and 300 packed ones.
+        std::fs::write(src.join("big"), vec![7u8; 1 << 20]).unwrap();
+        small_tree(&src, 5);
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir).unwrap();
+        let store = Store::open(&store_dir).unwrap();
+
+        let mut o = BackupOptions::new(100);
+        o.time = Some(1_700_000_000);
+        o.bwlimit = 4 << 20;
+        let t = Instant::now();
+        let mut b = Backup::start(&store, o).unwrap();
+        b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        let r = b.finish().unwrap();
+        let read = r.stats.bytes_read;
+        assert!(read > (3 << 20) / 2, "{:?}", r.stats);
+        // At 4 MiB/s the reads alone take at least read / rate seconds.
+        let min = read as f64 / f64::from(4u32 << 20);
+        assert!(
+            t.elapsed().as_secs_f64() >= min,
+            "{:?} < {min}",
+            t.elapsed()
+        );
+
+        // Cancelled while paced: the backup stops with an error and its
+        // temporary snapshot is removed.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut o = BackupOptions::new(101);
+        o.time = Some(1_700_000_000);
+        o.bwlimit = 512 << 10;
+        o.cancel = Some(Arc::clone(&cancel));
+        let c = Arc::clone(&cancel);
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            c.store(true, Ordering::Relaxed);
+        });
+        let t = Instant::now();
+        let mut b = Backup::start(&store, o).unwrap();
+        let e = b
+            .add_tree(&src, "./", &ExcludeSet::new(), true)
+            .unwrap_err()
+            .to_string();
+        stopper.join().unwrap();
+        assert!(e.contains("interrupted by signal"), "{e}");
+        // Well before the 3 s the paced reads would take.
+        assert!(
+            t.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            t.elapsed()
+        );
+        drop(b);
+        let left: Vec<_> = std::fs::read_dir(store.group_dir(101))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != ".lock")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

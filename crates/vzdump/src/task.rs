@@ -960,12 +960,17 @@ async fn archive_dedup(
     ));
     let vmid = t.vmid;
     let cancel = Arc::clone(&ctx.cancel);
+    let cancelled = Arc::clone(&ctx.cancel);
+    // KiB/s, as for the tar stream; here the file data read is paced.
+    let bwlimit = u64::try_from(ctx.opts.bwlimit.unwrap_or(0)).unwrap_or(0) * 1024;
     let res =
         tokio::task::spawn_blocking(move || -> vzkit_dedup::Result<vzkit_dedup::BackupResult> {
             let store = vzkit_dedup::Store::open(&store_path)?;
             let mut o = vzkit_dedup::BackupOptions::new(vmid);
             o.change_detection = mode;
             o.id_map = job.id_map.clone();
+            o.bwlimit = bwlimit;
+            o.cancel = Some(Arc::clone(&cancel));
             let mut b = vzkit_dedup::Backup::start(&store, o)?;
             b.add_data(
                 "./etc/vzdump/pct.conf",
@@ -989,7 +994,13 @@ async fn archive_dedup(
         })
         .await
         .map_err(|e| Error::msg(format!("archive task failed - {e}")))?;
-    let r = res.map_err(|e| Error::msg(format!("dedup backup failed - {e}")))?;
+    let r = res.map_err(|e| {
+        if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+            Error::Interrupted
+        } else {
+            Error::msg(format!("dedup backup failed - {e}"))
+        }
+    })?;
     for w in &r.stats.warnings {
         if !w.ends_with("socket ignored") {
             log.info(format!("tar: {w}"));
