@@ -5,7 +5,10 @@
 //! unprivileged container in suspend and stop mode. A writer inside each container keeps
 //! appending to a file during the backups; GNU tar reads the archives, and one backup is
 //! restored with `pct restore` and started. Failing hooks and SIGTERM must leave the
-//! container running, unlocked and without a `vzdump` snapshot.
+//! container running, unlocked and without a `vzdump` snapshot. Backups into a `dedup`
+//! storage in every mode (stop, suspend, snapshot on btrfs, an unprivileged container with
+//! an incremental backup) are restored in simple and advanced mode and compared entry by
+//! entry with the source.
 //!
 //! The tests run one at a time with every other LXC test (`vzkit_tests::lxc::session`) and
 //! clean up through guards even when an assertion fails: containers are killed, lxcfs (if the
@@ -1120,5 +1123,481 @@ fn stop_mode_into_dedup_storage_restores_a_container_that_starts() {
             "written-while-running\n"
         );
         assert_eq!(exec(&lxc, 955, "hostname").await, "ct954\n");
+    });
+}
+
+/// The `storage.cfg` section of a `dedup` storage `backups` below the scratch root.
+fn dedup_section(r: &TestRoot) -> String {
+    format!(
+        "dedup: backups\n\tpath {}\n\tcontent backup\n\n",
+        r.join("/srv/dedup").display()
+    )
+}
+
+/// The volume ids of `vmid`'s snapshots in the dedup storage `backups`, oldest first.
+fn dedup_volids(r: &TestRoot, vmid: u32) -> Vec<String> {
+    let list = r.ok("pvesm", &["list", "backups"]);
+    let prefix = format!("backups:backup/ct/{vmid}/");
+    let mut ids: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with(&prefix)))
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The `backup volume: <volid>` of a vzdump log.
+fn backup_volume(log: &str) -> String {
+    let l = log.lines().nth(line_of(log, "backup volume: ")).unwrap();
+    l.split("backup volume: ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The numbers of the dedup log line `files: N (R read, U unchanged and reused), …`.
+fn files_line(log: &str) -> (u64, u64, u64) {
+    let l = log.lines().nth(line_of(log, "files: ")).unwrap();
+    let rest = l.split("files: ").nth(1).unwrap();
+    let num = |s: &str| -> u64 {
+        s.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{s:?} in {l:?}"))
+    };
+    let (n, rest) = rest.split_once(" (").unwrap();
+    let (read, rest) = rest.split_once(" read, ").unwrap();
+    let (reused, _) = rest.split_once(" unchanged and reused").unwrap();
+    (num(n), num(read), num(reused))
+}
+
+/// What a restored container differs in from its source, which ran on after the backup:
+/// the ticker went on (its prefix is checked separately), the restore adds `etc/vzdump` and
+/// gives the root directory its own time, and a fresh ext4 has its own `lost+found`.
+fn running_skips() -> crate::restore::Skips {
+    crate::restore::Skips {
+        meta: vec![b"", b"etc", b"root/ticker", b"lost+found"],
+        extra: vec![b"lost+found", b"etc/vzdump"],
+    }
+}
+
+/// As [`running_skips`] for a suspend-mode backup, which rsync copied from the running
+/// container's `/proc/<pid>/root`: there `dev`, `proc` and `sys` are mount points (tmpfs,
+/// procfs, sysfs), and `rsync --one-file-system` copies such a directory with the mounted
+/// file system's attributes, as with PVE.
+fn suspend_skips() -> crate::restore::Skips {
+    let mut sk = running_skips();
+    sk.meta.extend([b"dev".as_slice(), b"proc", b"sys"]);
+    sk
+}
+
+/// Lets a freshly written container tree age past the current second before a suspend-mode
+/// backup: rsync leaves a copied symlink or directory with the copy time when that already
+/// has the source's whole second, so a tree copied in the second it was written would not
+/// keep its sub-second mtimes.
+fn age_tree() {
+    std::thread::sleep(Duration::from_millis(1100));
+}
+
+/// The restored ticker is a consistent prefix of the (longer) source ticker.
+fn assert_ticker_prefix(src: &Path, dst: &Path) {
+    let live = std::fs::read_to_string(src.join("root/ticker")).unwrap();
+    let restored = std::fs::read_to_string(dst.join("root/ticker")).unwrap();
+    let n = ticker_count(&restored);
+    assert!(n > 0 && ticker_count(&live) > n, "{n}");
+}
+
+/// `vzdump --mode snapshot --storage <dedup>` of a running container on `dir` storage: the
+/// mode falls back to suspend (rsync, freeze, final rsync, thaw) and the copy becomes a
+/// snapshot of the store. The container keeps its init, the temporary copy is gone, and the
+/// snapshot restores with `pct restore` to a tree equal to the (stopped) source, which starts.
+#[test]
+#[ignore = "needs root: real LXC containers, loop devices, mounts, lxcfs, rsync"]
+fn suspend_mode_into_dedup_storage_keeps_the_container_running_and_restores_exactly() {
+    let _s = session();
+    let (r, _g) = host_with_ct(963, "local:0.1", None);
+    let _g2 = CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmids: vec![964],
+    };
+    r.write("/etc/pve/storage.cfg", &dedup_section(&r));
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let rec = write_hook(&r, 963);
+    let hook = r.join("/hook.sh");
+    let rt = rt();
+    let pid_before = rt.block_on(async {
+        lxc.start(963, false, &mut warn).await.unwrap();
+        exec(&lxc, 963, "echo written-while-running > /root/live.txt").await;
+        start_ticker(&lxc, 963).await;
+        lxc.init_pid(963).await.unwrap().unwrap()
+    });
+    age_tree();
+    let (ok, log) = vzdump(
+        &r,
+        &[
+            "963",
+            "--mode",
+            "snapshot",
+            "--storage",
+            "backups",
+            "--script",
+            hook.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{log}");
+    let order = [
+        "status = running",
+        "mode failure - some volumes do not support snapshots",
+        "trying 'suspend' mode instead",
+        "backup mode: suspend",
+        "starting first sync /proc/",
+        "first sync finished",
+        "suspending guest",
+        "starting final sync /proc/",
+        "final sync finished",
+        "resuming guest",
+        "guest is online again after ",
+        "creating snapshot in dedup storage 'backups'",
+        "files: ",
+        "backup volume: backups:backup/ct/963/",
+        "Finished Backup of VM 963",
+    ];
+    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    online_after(&log);
+    let hook_log = std::fs::read_to_string(&rec).unwrap();
+    let phases: Vec<&str> = hook_log.lines().collect();
+    let pos = |p: &str| {
+        phases
+            .iter()
+            .position(|l| *l == p)
+            .unwrap_or_else(|| panic!("{p} missing:\n{hook_log}"))
+    };
+    assert!(pos("backup-start state=RUNNING") < pos("pre-stop state=RUNNING"));
+    assert!(pos("pre-stop state=RUNNING") < pos("pre-restart state=FROZEN"));
+    assert!(pos("pre-restart state=FROZEN") < pos("post-restart state=RUNNING"));
+    assert!(pos("post-restart state=RUNNING") < pos("backup-end state=RUNNING"));
+    rt.block_on(async {
+        assert_running_and_alive(&lxc, 963).await;
+        assert_eq!(lxc.init_pid(963).await.unwrap().unwrap(), pid_before);
+    });
+    assert!(!r.read("/etc/pve/lxc/963.conf").contains("lock:"));
+    // The rsync copy (below the storage's dump directory) is gone.
+    let dumpdir = r.join("/srv/dedup/dump");
+    let left: Vec<_> = std::fs::read_dir(&dumpdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".log"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let volids = dedup_volids(&r, 963);
+    assert_eq!(volids, [backup_volume(&log)], "{log}");
+
+    rt.block_on(lxc.stop(963, &mut warn)).unwrap();
+    r.ok("pct", &["restore", "964", &volids[0], "--storage", "local"]);
+
+    let conf = r.read("/etc/pve/lxc/964.conf");
+    assert!(
+        conf.contains("rootfs: local:964/vm-964-disk-0.raw"),
+        "{conf}"
+    );
+    r.with_mounted(&["963", "964"], || {
+        let src = r.join("/var/lib/lxc/963/rootfs");
+        let dst = r.join("/var/lib/lxc/964/rootfs");
+        assert_eq!(
+            std::fs::read_to_string(dst.join("root/live.txt")).unwrap(),
+            "written-while-running\n"
+        );
+        assert_ticker_prefix(&src, &dst);
+        crate::restore::compare_trees(&src, &dst, 0, &suspend_skips());
+    });
+    rt.block_on(async {
+        lxc.start(964, false, &mut warn).await.unwrap();
+        assert_running_and_alive(&lxc, 964).await;
+        assert_eq!(exec(&lxc, 964, "hostname").await, "ct963\n");
+        lxc.stop(964, &mut warn).await.unwrap();
+    });
+}
+
+/// `vzdump --mode snapshot --storage <dedup>` of a running container whose rootfs is a btrfs
+/// subvolume: the snapshot is read from the mounted storage snapshot, which is removed
+/// afterwards, the container keeps its init. The dedup snapshot restores in simple mode onto
+/// the btrfs storage and in advanced mode (`--rootfs local:0.25`) onto `dir`; both trees
+/// equal the (stopped) source and the advanced restore starts.
+#[test]
+#[ignore = "needs root: real LXC containers on a loop-mounted btrfs image, loop devices, lxcfs"]
+fn snapshot_mode_on_btrfs_into_dedup_storage_then_simple_and_advanced_restore() {
+    let _s = session();
+    let fs = BtrfsFs::new(512 << 20, false);
+    let bt = fs.storage_cfg("bt", "store");
+    let (r, _g) = host_with_ct(965, "bt:0", Some(&bt));
+    let _g2 = CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmids: vec![966, 967],
+    };
+    r.write(
+        "/etc/pve/storage.cfg",
+        &format!("{bt}{}", dedup_section(&r)),
+    );
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let rec = write_hook(&r, 965);
+    let hook = r.join("/hook.sh");
+    let rt = rt();
+    let pid_before = rt.block_on(async {
+        lxc.start(965, false, &mut warn).await.unwrap();
+        exec(&lxc, 965, "echo written-while-running > /root/live.txt").await;
+        start_ticker(&lxc, 965).await;
+        lxc.init_pid(965).await.unwrap().unwrap()
+    });
+    let (ok, log) = vzdump(
+        &r,
+        &[
+            "965",
+            "--mode",
+            "snapshot",
+            "--storage",
+            "backups",
+            "--script",
+            hook.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{log}");
+    // The snapshot was mounted read-only while the running container's data went in.
+    let hook_log = std::fs::read_to_string(&rec).unwrap();
+    let opts = hook_log
+        .lines()
+        .find_map(|l| l.strip_prefix("snapshot-options="))
+        .unwrap_or_else(|| panic!("snapshot not mounted at post-restart:\n{hook_log}"));
+    assert!(opts.split(',').any(|o| o == "ro"), "{opts}");
+    assert!(
+        hook_log.contains("snapshot-live=written-while-running\n")
+            && hook_log.contains("backup-end state=RUNNING\n"),
+        "{hook_log}"
+    );
+    let order = [
+        "status = running",
+        "backup mode: snapshot",
+        "create storage snapshot 'vzdump'",
+        "creating snapshot in dedup storage 'backups'",
+        "files: ",
+        "cleanup temporary 'vzdump' snapshot",
+        "Finished Backup of VM 965",
+    ];
+    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    assert!(!log.contains("stopping virtual guest"), "{log}");
+    assert!(!log.contains("suspending guest"), "{log}");
+    rt.block_on(async {
+        assert_running_and_alive(&lxc, 965).await;
+        assert_eq!(lxc.init_pid(965).await.unwrap().unwrap(), pid_before);
+    });
+    let conf = r.read("/etc/pve/lxc/965.conf");
+    assert!(
+        !conf.contains("vzdump") && !conf.contains("lock:") && !conf.contains("parent:"),
+        "{conf}"
+    );
+    let snaps = btrfs_snapshots(&fs);
+    assert!(!snaps.contains("vzdump"), "{snaps}");
+    assert!(
+        !sh(&format!(
+            "mountpoint -q '{}'",
+            r.join("/mnt/vzsnap0").display()
+        ))
+        .status
+        .success()
+    );
+    let volids = dedup_volids(&r, 965);
+    assert_eq!(volids, [backup_volume(&log)], "{log}");
+
+    rt.block_on(lxc.stop(965, &mut warn)).unwrap();
+    r.ok("pct", &["restore", "966", &volids[0], "--storage", "bt"]);
+    let simple = r.read("/etc/pve/lxc/966.conf");
+    assert!(
+        simple.contains("rootfs: bt:966/subvol-966-disk-0.subvol"),
+        "{simple}"
+    );
+    let advanced = r.ok(
+        "pct",
+        &["restore", "967", &volids[0], "--rootfs", "local:0.25"],
+    );
+    let advanced_conf = r.read("/etc/pve/lxc/967.conf");
+    assert!(
+        advanced_conf.contains("rootfs: local:967/vm-967-disk-0.raw,size=256M"),
+        "{advanced}\n{advanced_conf}"
+    );
+    r.with_mounted(&["965", "966", "967"], || {
+        let src = r.join("/var/lib/lxc/965/rootfs");
+        for id in [966, 967] {
+            let dst = r.join(&format!("/var/lib/lxc/{id}/rootfs"));
+            assert_eq!(
+                std::fs::read_to_string(dst.join("root/live.txt")).unwrap(),
+                "written-while-running\n"
+            );
+            assert_ticker_prefix(&src, &dst);
+            crate::restore::compare_trees(&src, &dst, 0, &running_skips());
+        }
+    });
+    rt.block_on(async {
+        lxc.start(967, false, &mut warn).await.unwrap();
+        assert_running_and_alive(&lxc, 967).await;
+        assert_eq!(exec(&lxc, 967, "hostname").await, "ct965\n");
+        lxc.stop(967, &mut warn).await.unwrap();
+    });
+}
+
+/// An unprivileged (id-mapped) container backed up into a `dedup` storage: in suspend mode
+/// while it runs, then twice in stop mode once it is stopped. The snapshots hold the ids the
+/// container sees, the third backup reuses the unchanged files of the second, and both the
+/// suspend and the incremental snapshot restore unprivileged to trees equal to the source,
+/// with host-mapped owners on disk; a privileged restore gets the container's ids on disk.
+#[test]
+#[ignore = "needs root: real unprivileged LXC containers, loop devices, mounts, rsync"]
+fn unprivileged_container_into_dedup_storage_keeps_container_ids_and_reuses_files() {
+    let _s = session();
+    let _ids = SubIds::ensure();
+    let (r, _g) = host_with_ct_as(968, "local:0.1", None, 100_000);
+    let _g2 = CtGuard {
+        lxcpath: lxcpath(&Layout::new(r.path())),
+        vmids: vec![969, 970, 971],
+    };
+    r.write("/etc/pve/storage.cfg", &dedup_section(&r));
+    let s = storages(&r);
+    let lxc = Lxc::new(&s);
+    let rt = rt();
+    let pid_before = rt.block_on(async {
+        lxc.start(968, false, &mut warn).await.unwrap();
+        exec(&lxc, 968, "echo written-while-running > /root/live.txt").await;
+        start_ticker(&lxc, 968).await;
+        lxc.init_pid(968).await.unwrap().unwrap()
+    });
+    let host_file = PathBuf::from(format!("/proc/{pid_before}/root/root/live.txt"));
+    assert_eq!(std::fs::metadata(&host_file).unwrap().uid(), 100_000);
+    age_tree();
+
+    // 1. Suspend mode while it runs.
+    let (ok, log) = vzdump(&r, &["968", "--mode", "suspend", "--storage", "backups"]);
+    assert!(ok, "{log}");
+    assert!(
+        line_of(&log, "backup mode: suspend") < line_of(&log, "suspending guest")
+            && line_of(&log, "resuming guest")
+                < line_of(&log, "creating snapshot in dedup storage 'backups'"),
+        "{log}"
+    );
+    online_after(&log);
+    let suspended = backup_volume(&log);
+    rt.block_on(async {
+        assert_running_and_alive(&lxc, 968).await;
+        assert_eq!(lxc.init_pid(968).await.unwrap().unwrap(), pid_before);
+    });
+    assert!(!r.read("/etc/pve/lxc/968.conf").contains("lock:"));
+    // Owners as the container sees them, not the host's shifted ids.
+    let files = r.ok("vzkit-store", &["files", &suspended]);
+    let live = files
+        .lines()
+        .find(|l| l.ends_with(" ./root/live.txt"))
+        .unwrap_or_else(|| panic!("{files}"));
+    assert!(live.starts_with("- 0644 0/0 "), "{live}");
+    assert!(!files.contains("100000/"), "{files}");
+    assert!(
+        files.lines().any(|l| l.ends_with(" ./bin/busybox")),
+        "{files}"
+    );
+    // The export is a vzdump archive GNU tar reads with the same owners.
+    let export = r.join("/export.tar.zst");
+    r.ok(
+        "vzkit-store",
+        &["export", &suspended, export.to_str().unwrap()],
+    );
+    let listing = tar_verbose(&export);
+    let live = listing
+        .lines()
+        .find(|l| l.ends_with(" ./root/live.txt"))
+        .unwrap_or_else(|| panic!("{listing}"));
+    assert!(live.contains(" 0/0 "), "{live}");
+    assert!(!listing.contains("100000/"), "{listing}");
+
+    // 2. Stopped: a stop-mode backup, then an incremental one of the unchanged container.
+    rt.block_on(lxc.stop(968, &mut warn)).unwrap();
+    let (ok, log) = vzdump(&r, &["968", "--mode", "stop", "--storage", "backups"]);
+    assert!(ok, "{log}");
+    assert!(log.contains("status = stopped\n"), "{log}");
+    // Files changed within 1 s before a backup are read again by the next one.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (ok, log) = vzdump(&r, &["968", "--mode", "stop", "--storage", "backups"]);
+    assert!(ok, "{log}");
+    let (n, read, reused) = files_line(&log);
+    assert!(reused > 0, "nothing reused:\n{log}");
+    assert_eq!(read + reused, n, "{log}");
+    // Only the ticker, written until the stop, may have been recent enough to be read.
+    assert!(read <= 1, "the unchanged container was read again:\n{log}");
+    let incremental = backup_volume(&log);
+    let volids = dedup_volids(&r, 968);
+    assert_eq!(volids.len(), 3, "{volids:?}");
+    assert_eq!(volids[0], suspended);
+    assert_eq!(volids[2], incremental);
+    let files = r.ok("vzkit-store", &["files", &incremental]);
+    assert!(!files.contains("100000/"), "{files}");
+
+    // 3. Restores: unprivileged (from the backed-up config) and privileged.
+    r.ok(
+        "pct",
+        &["restore", "969", &incremental, "--storage", "local"],
+    );
+    r.ok("pct", &["restore", "970", &suspended, "--storage", "local"]);
+    r.ok(
+        "pct",
+        &[
+            "restore",
+            "971",
+            &incremental,
+            "--storage",
+            "local",
+            "--unprivileged",
+            "0",
+        ],
+    );
+    for id in [969, 970] {
+        let conf = r.read(&format!("/etc/pve/lxc/{id}.conf"));
+        assert!(conf.contains("unprivileged: 1\n"), "{conf}");
+    }
+    let conf = r.read("/etc/pve/lxc/971.conf");
+    assert!(!conf.contains("unprivileged: 1"), "{conf}");
+    r.with_mounted(&["968", "969", "970", "971"], || {
+        let src = r.join("/var/lib/lxc/968/rootfs");
+        let root = |id: u32| r.join(&format!("/var/lib/lxc/{id}/rootfs"));
+        // Host-mapped owners on disk, as the source has them.
+        for id in [969, 970] {
+            let m = std::fs::metadata(root(id).join("root/live.txt")).unwrap();
+            assert_eq!((m.uid(), m.gid()), (100_000, 100_000), "{id}");
+        }
+        let sk = crate::restore::Skips {
+            meta: vec![b"", b"etc", b"lost+found"],
+            extra: vec![b"lost+found", b"etc/vzdump"],
+        };
+        crate::restore::compare_trees(&src, &root(969), 0, &sk);
+        assert_ticker_prefix(&src, &root(970));
+        crate::restore::compare_trees(&src, &root(970), 0, &suspend_skips());
+        // Privileged: the container's own ids on disk.
+        for f in ["root/live.txt", "bin/busybox", "etc/passwd"] {
+            let m = std::fs::metadata(root(971).join(f)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (0, 0), "{f}");
+        }
+        assert_eq!(
+            std::fs::read(root(971).join("root/ticker")).unwrap(),
+            std::fs::read(src.join("root/ticker")).unwrap()
+        );
+    });
+    rt.block_on(async {
+        lxc.start(969, false, &mut warn).await.unwrap();
+        assert_running_and_alive(&lxc, 969).await;
+        assert_eq!(
+            exec(&lxc, 969, "cat /root/live.txt").await,
+            "written-while-running\n"
+        );
+        assert_eq!(exec(&lxc, 969, "stat -c %u /root/live.txt").await, "0\n");
+        lxc.stop(969, &mut warn).await.unwrap();
     });
 }
