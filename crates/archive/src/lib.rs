@@ -33,6 +33,7 @@ mod fsutil;
 pub mod header;
 pub mod idmap;
 pub mod lzop;
+pub mod prefetch;
 pub mod reader;
 pub mod writer;
 

@@ -159,6 +159,22 @@ pub struct StatKey {
 }
 
 impl StatKey {
+    /// The key of an `lstat` result (as the walker takes it).
+    #[must_use]
+    pub fn from_stat(st: &rustix::fs::Stat) -> StatKey {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        StatKey {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: ns(st.st_mtime, i64::try_from(st.st_mtime_nsec).unwrap_or(0)),
+            ctime_ns: ns(st.st_ctime, i64::try_from(st.st_ctime_nsec).unwrap_or(0)),
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        }
+    }
+
     fn of(st: &Meta) -> StatKey {
         let ns = |s: i64, n: u32| s.saturating_mul(1_000_000_000).saturating_add(i64::from(n));
         StatKey {

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vzkit_archive::header::{self, MemberHeader};
+use vzkit_archive::prefetch::Prefetcher;
 use vzkit_archive::writer::trailer;
 use vzkit_archive::{
     ArchiveError, ExcludeSet, FileData, IdMap, MemberKind, StatKey, TreeSink, Walker,
@@ -316,6 +317,30 @@ struct Queue {
     base: u64,
 }
 
+/// How far (allocated bytes) the read-ahead thread may run ahead of the reads.
+const PREFETCH_WINDOW: u64 = 64 << 20;
+
+/// The reuse rule on the stat keys (see the crate docs); the caller checks
+/// that the earlier entry is a regular file that was not racy.
+fn same_key(pk: &StatKey, key: &StatKey) -> bool {
+    pk.ino == key.ino
+        && pk.size == key.size
+        && pk.mtime_ns == key.mtime_ns
+        && pk.ctime_ns == key.ctime_ns
+        && pk.mode == key.mode
+        && pk.uid == key.uid
+        && pk.gid == key.gid
+}
+
+/// Whether the walk will read file `member` of `tree` with this key: false
+/// if the base shows it unchanged (read-ahead skips such files).
+fn will_read(base: &mut PrevCursor, tree: u32, member: &[u8], key: &StatKey) -> bool {
+    !matches!(base.lookup(tree, member), Ok(Some(p))
+        if p.kind == MemberKind::Regular
+            && !p.racy
+            && p.key.is_some_and(|pk| same_key(&pk, key)))
+}
+
 /// Paces reads to a rate: sleeps until the time the bytes so far are due.
 struct RateLimit {
     rate: u64,
@@ -341,6 +366,10 @@ struct State {
     /// [`QUEUE_MAX`] (smaller in tests).
     queue_max: usize,
     limit: Option<RateLimit>,
+    /// File bytes read so far (the read-ahead thread stays near it).
+    consumed: Arc<AtomicU64>,
+    /// The catalog of the base snapshot (metadata change detection).
+    base_catalog: Option<PathBuf>,
     stats: BackupStats,
     start_ns: i64,
 }
@@ -367,6 +396,7 @@ impl State {
     /// Account `n` bytes read: wait as the rate limit asks (checking for
     /// cancellation meanwhile).
     fn throttle(&mut self, n: usize) -> Result<()> {
+        self.consumed.fetch_add(n as u64, Ordering::Relaxed);
         self.check_cancel()?;
         let Some(l) = self.limit.as_mut() else {
             return Ok(());
@@ -553,13 +583,7 @@ impl State {
         let Some(pk) = p.key else { return Ok(None) };
         let same = p.kind == MemberKind::Regular
             && !p.racy
-            && pk.ino == key.ino
-            && pk.size == key.size
-            && pk.mtime_ns == key.mtime_ns
-            && pk.ctime_ns == key.ctime_ns
-            && pk.mode == key.mode
-            && pk.uid == key.uid
-            && pk.gid == key.gid
+            && same_key(&pk, key)
             && p.size == h.size
             && p.sparse.as_ref().map(|(s, r)| (*s, r.as_slice())) == h.sparse;
         if !same {
@@ -594,15 +618,7 @@ impl State {
         };
         let same = p.kind == MemberKind::Regular
             && !p.racy
-            && p.key.is_some_and(|pk| {
-                pk.ino == key.ino
-                    && pk.size == key.size
-                    && pk.mtime_ns == key.mtime_ns
-                    && pk.ctime_ns == key.ctime_ns
-                    && pk.mode == key.mode
-                    && pk.uid == key.uid
-                    && pk.gid == key.gid
-            })
+            && p.key.is_some_and(|pk| same_key(&pk, key))
             // A file written sparse has fewer blocks than its size.
             && (p.sparse.is_none() || may_be_sparse);
         if !same || !self.keep_chunks(&p.chunks)? {
@@ -808,6 +824,10 @@ impl Backup {
             )?),
             None => None,
         };
+        let base_catalog = prev
+            .as_ref()
+            .filter(|_| opts.change_detection == ChangeDetection::Metadata)
+            .map(|p| p.snapshot.path(store).join(snapshot::CATALOG));
         let prev = match prev {
             Some(p) => Some(PrevCursor {
                 cat: CatalogReader::open(&p.snapshot.path(store).join(snapshot::CATALOG))?,
@@ -848,6 +868,8 @@ impl Backup {
                 },
                 queue: Queue::default(),
                 queue_max: QUEUE_MAX,
+                consumed: Arc::new(AtomicU64::new(0)),
+                base_catalog,
                 limit: (opts.bwlimit > 0).then(|| RateLimit {
                     rate: opts.bwlimit,
                     start: Instant::now(),
@@ -927,13 +949,38 @@ impl Backup {
         excludes: &ExcludeSet,
         one_file_system: bool,
     ) -> Result<vzkit_archive::Stats> {
-        let st = self.walker.walk(
-            src,
-            member_prefix,
-            excludes,
-            one_file_system,
-            &mut self.state,
-        )?;
+        // The read-ahead thread offers only files the walk will read: with a
+        // base, those whose key does not show them unchanged.
+        let mut base = match &self.state.base_catalog {
+            Some(p) => Some(PrevCursor {
+                cat: CatalogReader::open(p)?,
+                peeked: None,
+                same_id_map: false,
+                held: None,
+                suspect: HashSet::new(),
+            }),
+            None => None,
+        };
+        let tree = self.state.tree;
+        let consumed = Arc::clone(&self.state.consumed);
+        let done = AtomicBool::new(false);
+        let (walker, state) = (&mut self.walker, &mut self.state);
+        let st = std::thread::scope(|scope| {
+            let _ = std::thread::Builder::new()
+                .name("dedup-prefetch".into())
+                .spawn_scoped(scope, || {
+                    let mut want = |m: &[u8], st: &rustix::fs::Stat| {
+                        base.as_mut()
+                            .is_none_or(|b| will_read(b, tree, m, &StatKey::from_stat(st)))
+                    };
+                    Prefetcher::new(excludes, &consumed, &done, PREFETCH_WINDOW)
+                        .with_filter(&mut want)
+                        .run_tree(src, member_prefix);
+                });
+            let r = walker.walk(src, member_prefix, excludes, one_file_system, state);
+            done.store(true, Ordering::Relaxed);
+            r
+        })?;
         self.state.tree += 1;
         self.state.stats.bytes_read += st.bytes_read;
         for w in &st.warnings {
@@ -1181,6 +1228,47 @@ mod tests {
         w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
         assert!(stream(&store, &changed.snapshot) == w.finish().unwrap());
         assert!(stream(&store, &first.snapshot) == want);
+    }
+
+    #[test]
+    fn read_ahead_offers_only_files_the_walk_will_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        small_tree(&src, 9);
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir).unwrap();
+        let store = Store::open(&store_dir).unwrap();
+        let mut b = Backup::start(&store, small_opts(1_700_000_000)).unwrap();
+        b.state.start_ns = i64::MAX / 2;
+        b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        let first = b.finish().unwrap();
+        std::fs::write(src.join("d4/f4"), b"changed").unwrap();
+        let cat = first.snapshot.path(&store).join(snapshot::CATALOG);
+        let mut base = PrevCursor {
+            cat: CatalogReader::open(&cat).unwrap(),
+            peeked: None,
+            same_id_map: false,
+            held: None,
+            suspect: HashSet::new(),
+        };
+        // In walk order, as the read-ahead thread asks.
+        let mut read = Vec::new();
+        for d in 0..7 {
+            let mut names: Vec<String> = (0..300)
+                .filter(|i| i % 7 == d)
+                .map(|i| format!("f{i}"))
+                .collect();
+            names.sort();
+            for n in names {
+                let p = src.join(format!("d{d}/{n}"));
+                let st = rustix::fs::lstat(&p).unwrap();
+                let member = format!("./d{d}/{n}");
+                if will_read(&mut base, 0, member.as_bytes(), &StatKey::from_stat(&st)) {
+                    read.push(member);
+                }
+            }
+        }
+        assert_eq!(read, ["./d4/f4"]);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
+use vzkit_archive::prefetch::Prefetcher;
 use vzkit_archive::{ArchiveWriter, Compression, ExcludeSet, IdMap, Stats, compressor};
 
 use crate::error::{Error, Result};
@@ -40,8 +41,6 @@ pub const QUEUE_CHUNKS: usize = 8;
 const WRITEBACK_STEP: u64 = 32 << 20;
 /// How far (allocated bytes) the prefetcher may run ahead of the encoder.
 const PREFETCH_WINDOW: u64 = 64 << 20;
-/// Read-ahead requests are issued in pieces of this size.
-const PREFETCH_PIECE: u64 = 4 << 20;
 
 /// One tree to archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,127 +290,6 @@ fn add_stats(total: &mut Stats, s: &Stats) {
     total.warnings.extend(s.warnings.iter().cloned());
 }
 
-/// Walks the sources in the encoder's order (byte order of names, same excludes, same
-/// `--one-file-system` rule) and asks the kernel to read file data ahead
-/// (`POSIX_FADV_WILLNEED`), at most [`PREFETCH_WINDOW`] allocated bytes ahead of the encoder.
-/// Reading from cold storage then overlaps with encoding and compression instead of stalling
-/// the encoder on every file. Purely advisory: every error just ends the walk.
-struct Prefetcher<'a> {
-    excludes: &'a ExcludeSet,
-    encoded: &'a AtomicU64,
-    stop: &'a AtomicBool,
-    advised: u64,
-}
-
-impl Prefetcher<'_> {
-    fn run(&mut self, sources: &[ArchiveSource]) {
-        use rustix::fs::{Mode, OFlags};
-        for s in sources {
-            let Ok(root) = rustix::fs::open(
-                &s.dir,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) else {
-                return;
-            };
-            let Ok(st) = rustix::fs::fstat(&root) else {
-                return;
-            };
-            let base = s.prefix.trim_end_matches('/');
-            let base = if base.is_empty() { "." } else { base };
-            if !self.walk(&root, base.as_bytes(), st.st_dev) {
-                return;
-            }
-        }
-    }
-
-    /// Wait until the encoder is close enough; false when the pipeline is over.
-    fn wait_for_room(&self) -> bool {
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return false;
-            }
-            if self.advised < self.encoded.load(Ordering::Relaxed) + PREFETCH_WINDOW {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn walk(&mut self, dir: &std::os::fd::OwnedFd, member: &[u8], dev: u64) -> bool {
-        use rustix::fs::{AtFlags, FileType, Mode, OFlags};
-        let mut names = Vec::new();
-        {
-            let Ok(mut d) = rustix::fs::Dir::read_from(dir) else {
-                return true;
-            };
-            while let Some(Ok(ent)) = d.read() {
-                let n = ent.file_name().to_bytes();
-                if n != b"." && n != b".." {
-                    names.push(n.to_vec());
-                }
-            }
-        }
-        names.sort();
-        for name in names {
-            let mut m = member.to_vec();
-            m.push(b'/');
-            m.extend_from_slice(&name);
-            if self.excludes.is_excluded(&m) {
-                continue;
-            }
-            let Ok(st) = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) else {
-                continue;
-            };
-            match FileType::from_raw_mode(st.st_mode) {
-                FileType::Directory if st.st_dev == dev => {
-                    let Ok(sub) = rustix::fs::openat(
-                        dir,
-                        name.as_slice(),
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    ) else {
-                        continue;
-                    };
-                    if !self.walk(&sub, &m, dev) {
-                        return false;
-                    }
-                }
-                FileType::RegularFile if st.st_blocks > 0 => {
-                    let Ok(fd) = rustix::fs::openat(
-                        dir,
-                        name.as_slice(),
-                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    ) else {
-                        continue;
-                    };
-                    let size = u64::try_from(st.st_size).unwrap_or(0);
-                    let allocated = u64::try_from(st.st_blocks).unwrap_or(0) * 512;
-                    let mut off = 0;
-                    while off < size {
-                        if !self.wait_for_room() {
-                            return false;
-                        }
-                        let piece = PREFETCH_PIECE.min(size - off);
-                        let _ = rustix::fs::fadvise(
-                            &fd,
-                            off,
-                            std::num::NonZeroU64::new(piece),
-                            rustix::fs::Advice::WillNeed,
-                        );
-                        // Account allocated bytes, so that holes do not count as work ahead.
-                        self.advised += piece.min(allocated.saturating_sub(off));
-                        off += piece;
-                    }
-                }
-                _ => {}
-            }
-        }
-        true
-    }
-}
-
 /// The tar encoder on the calling thread.
 fn encoder_stage(job: &ArchiveJob, out: ChunkSender) -> Result<(u64, Stats)> {
     let mut w = match &job.id_map {
@@ -505,13 +383,17 @@ pub fn write_archive(job: &ArchiveJob, sink: &Sink, ctl: &Control) -> Result<Arc
         let _ = std::thread::Builder::new()
             .name("vzdump-prefetch".into())
             .spawn_scoped(scope, || {
-                Prefetcher {
-                    excludes: &job.excludes,
-                    encoded: &ctl.counters.tar_bytes,
-                    stop: &done,
-                    advised: 0,
+                let mut p = Prefetcher::new(
+                    &job.excludes,
+                    &ctl.counters.tar_bytes,
+                    &done,
+                    PREFETCH_WINDOW,
+                );
+                for s in &job.sources {
+                    if !p.run_tree(&s.dir, &s.prefix) {
+                        break;
+                    }
                 }
-                .run(&job.sources);
             });
         let r = encoder_stage(job, sender);
         done.store(true, Ordering::Relaxed);
