@@ -842,3 +842,117 @@ fn vzdump_to_dedup_storage_honours_bwlimit_and_signals() {
     assert!(!tr.read("/etc/pve/lxc/100.conf").contains("lock:"));
     assert!(tr.mounts().is_empty(), "{:?}", tr.mounts());
 }
+
+/// A stopped container whose volume images did not change since its last backup: the next
+/// `vzdump --storage <dedup>` takes its trees over from that backup without walking them.
+/// Mounting a volume writable (here to change one file) changes its image, so the backup
+/// after that walks again, reads only the changed file, and the restore holds the change.
+#[test]
+#[ignore = "needs root: loop devices, ext4 images, mounts"]
+fn vzdump_takes_over_trees_of_unchanged_volume_images() {
+    use vzkit_tests::TestRoot;
+    let tr = TestRoot::new();
+    tr.write(
+        "/etc/pve/storage.cfg",
+        &format!(
+            "dir: local\n\tpath {}\n\tcontent backup,rootdir,images,vztmpl\n\n\
+             dedup: backups\n\tpath {}\n\tcontent backup\n",
+            tr.join("/var/lib/vz").display(),
+            tr.join("/srv/backups").display()
+        ),
+    );
+    tr.write(
+        "/etc/pve/lxc/100.conf",
+        "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
+    );
+    tr.ok(
+        "pct",
+        &[
+            "set",
+            "100",
+            "--rootfs",
+            "local:0.1",
+            "--mp0",
+            "local:0.1,mp=/mnt/data,backup=1",
+        ],
+    );
+    let src = tr.join("/var/lib/lxc/100/rootfs");
+    tr.with_mounted(&["100"], || {
+        bulk_tree(&src, 30, 20_000, 41);
+        bulk_tree(&src.join("mnt/data"), 20, 70_000, 42);
+    });
+    settle();
+    let backup = || {
+        std::thread::sleep(Duration::from_millis(1100));
+        let o = tr.run("vzdump", &["100", "--storage", "backups", "--mode", "stop"]);
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{log}");
+        let files = log
+            .lines()
+            .find(|l| l.contains("INFO: files: "))
+            .unwrap_or_else(|| panic!("{log}"))
+            .to_string();
+        let taken: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("unchanged since the last backup"))
+            .map(String::from)
+            .collect();
+        (files, taken)
+    };
+    let (files, taken) = backup();
+    assert!(taken.is_empty(), "{taken:?}");
+    assert!(files.contains("(50 read, 0 unchanged"), "{files}");
+    let (files, taken) = backup();
+    assert_eq!(taken.len(), 2, "{taken:?}");
+    assert!(
+        taken[0].contains("'./'") && taken[1].contains("'./mnt/data'"),
+        "{taken:?}"
+    );
+    assert!(
+        files.contains("(0 read, 50 unchanged and reused)"),
+        "{files}"
+    );
+
+    // A writable mount changes both images: walked again, one file read.
+    tr.with_mounted(&["100"], || {
+        fs::write(src.join("mnt/data/d3/f3"), b"changed\n").unwrap();
+    });
+    settle();
+    let (files, taken) = backup();
+    assert!(taken.is_empty(), "{taken:?}");
+    assert!(
+        files.contains("(1 read, 49 unchanged and reused)"),
+        "{files}"
+    );
+    let (files, taken) = backup();
+    assert_eq!(taken.len(), 2, "{taken:?}");
+    assert!(
+        files.contains("(0 read, 50 unchanged and reused)"),
+        "{files}"
+    );
+
+    // The snapshot made of taken-over trees restores the current state exactly.
+    let list: Value =
+        serde_json::from_str(&tr.ok("pvesm", &["list", "backups", "--output-format", "json"]))
+            .unwrap();
+    let rows = list.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{list}");
+    let volid = rows[3]["volid"].as_str().unwrap();
+    tr.ok("pct", &["restore", "101", volid, "--storage", "local"]);
+    let sk = Skips {
+        meta: vec![
+            b"",
+            b"etc",
+            b"mnt",
+            b"mnt/data",
+            b"lost+found",
+            b"mnt/data/lost+found",
+        ],
+        extra: vec![b"etc/vzdump"],
+    };
+    tr.with_mounted(&["100", "101"], || {
+        let dst = tr.join("/var/lib/lxc/101/rootfs");
+        assert_eq!(fs::read(dst.join("mnt/data/d3/f3")).unwrap(), b"changed\n");
+        compare_trees(&src, &dst, 0, &sk);
+    });
+}

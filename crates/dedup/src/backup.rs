@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vzkit_archive::header::{self, MemberHeader};
 use vzkit_archive::prefetch::Prefetcher;
 use vzkit_archive::writer::trailer;
@@ -37,7 +37,7 @@ use vzkit_archive::{
 use crate::catalog::{CatalogReader, CatalogWriter, ChunkRef, DATA_TREE, Member, walk_order};
 use crate::chunker::{ChunkSizes, Chunker};
 use crate::error::{Error, Result};
-use crate::snapshot::{self, SnapshotRef};
+use crate::snapshot::{self, SnapshotRef, TreeSource};
 use crate::store::{LockFile, SnapshotLock, Store, Writer};
 
 /// How unchanged files are recognized.
@@ -121,6 +121,9 @@ pub struct BackupStats {
     pub files_read: u64,
     /// Regular files whose chunk list was reused unread.
     pub files_reused: u64,
+    /// Trees taken over whole from the base: their volume image is
+    /// unchanged, so they were not walked.
+    pub trees_reused: u64,
     /// File content bytes read.
     pub bytes_read: u64,
     /// Chunk references.
@@ -317,6 +320,69 @@ struct Queue {
     base: u64,
 }
 
+/// The identity of a volume's image file: while it stays the same, the
+/// file system in it is unchanged (see the crate docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VolumeKey {
+    /// Device of the file system holding the image.
+    pub dev: u64,
+    /// Inode number of the image.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Inode change time, nanoseconds since the epoch.
+    pub ctime_ns: i64,
+}
+
+/// Local file systems on which every write to a file, through any path
+/// (`write`, loop devices with or without direct I/O, `mmap`), updates its
+/// ctime: ext2/3/4, xfs, btrfs, tmpfs, zfs. Network and FUSE file systems
+/// (where another client or a daemon may write) are not trusted.
+const TRUSTED_FS: [u64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0x2FC1_2FC1];
+
+impl VolumeKey {
+    /// The key of the image file at `path`: `None` unless it is a regular
+    /// file on a trusted local file system.
+    #[must_use]
+    pub fn of_image(path: &Path) -> Option<VolumeKey> {
+        let fs = rustix::fs::statfs(path).ok()?;
+        #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+        let magic = u64::try_from(fs.f_type as i64).ok()?;
+        if !TRUSTED_FS.contains(&magic) {
+            return None;
+        }
+        let st = rustix::fs::lstat(path).ok()?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return None;
+        }
+        let k = StatKey::from_stat(&st);
+        Some(VolumeKey {
+            dev: k.dev,
+            ino: k.ino,
+            size: k.size,
+            mtime_ns: k.mtime_ns,
+            ctime_ns: k.ctime_ns,
+        })
+    }
+}
+
+/// The fingerprint of a tree's walk parameters ([`TreeSource::fingerprint`]).
+fn tree_fingerprint(
+    prefix: &str,
+    excludes: &ExcludeSet,
+    one_file_system: bool,
+    id_map: Option<&IdMap>,
+) -> String {
+    let text = format!(
+        "{prefix}\0{excludes:?}\0{one_file_system}\0{}",
+        snapshot::id_map_name(id_map)
+    );
+    blake3::hash(text.as_bytes()).to_hex().to_string()
+}
+
 /// How far (allocated bytes) the read-ahead thread may run ahead of the reads.
 const PREFETCH_WINDOW: u64 = 64 << 20;
 
@@ -370,6 +436,10 @@ struct State {
     consumed: Arc<AtomicU64>,
     /// The catalog of the base snapshot (metadata change detection).
     base_catalog: Option<PathBuf>,
+    /// The base snapshot's source trees (metadata change detection).
+    base_trees: Vec<TreeSource>,
+    /// This backup's source trees.
+    trees: Vec<TreeSource>,
     stats: BackupStats,
     start_ns: i64,
 }
@@ -410,6 +480,38 @@ impl State {
             }
             std::thread::sleep((due - now).min(Duration::from_millis(100)));
             self.check_cancel()?;
+        }
+    }
+
+    /// Take over every record of `tree` from the base (the tree is
+    /// unchanged, see [`Backup::add_volume_tree`]).
+    fn copy_tree(&mut self, tree: u32) -> Result<()> {
+        loop {
+            let Some(prev) = self.prev.as_mut() else {
+                return Ok(());
+            };
+            if prev.peeked.is_none() {
+                prev.peeked = prev.cat.next_member()?;
+            }
+            let Some(p) = prev.peeked.as_ref() else {
+                return Ok(());
+            };
+            if p.tree != DATA_TREE && p.tree > tree {
+                return Ok(());
+            }
+            let Some(mut m) = prev.peeked.take() else {
+                return Ok(());
+            };
+            if m.tree != tree {
+                continue;
+            }
+            m.tree = self.tree;
+            if m.kind == MemberKind::Regular {
+                self.stats.files += 1;
+                self.stats.files_reused += 1;
+            }
+            self.stats.chunks += m.chunks.len() as u64;
+            self.emit(m)?;
         }
     }
 
@@ -828,15 +930,21 @@ impl Backup {
             .as_ref()
             .filter(|_| opts.change_detection == ChangeDetection::Metadata)
             .map(|p| p.snapshot.path(store).join(snapshot::CATALOG));
+        let mut base_trees = Vec::new();
         let prev = match prev {
-            Some(p) => Some(PrevCursor {
-                cat: CatalogReader::open(&p.snapshot.path(store).join(snapshot::CATALOG))?,
-                peeked: None,
-                same_id_map: snapshot::manifest(store, &p.snapshot)?.id_map
-                    == Some(snapshot::id_map_name(opts.id_map.as_ref())),
-                held: None,
-                suspect: store.bad_chunks()?,
-            }),
+            Some(p) => {
+                let man = snapshot::manifest(store, &p.snapshot)?;
+                if opts.change_detection == ChangeDetection::Metadata {
+                    base_trees = man.trees;
+                }
+                Some(PrevCursor {
+                    cat: CatalogReader::open(&p.snapshot.path(store).join(snapshot::CATALOG))?,
+                    peeked: None,
+                    same_id_map: man.id_map == Some(snapshot::id_map_name(opts.id_map.as_ref())),
+                    held: None,
+                    suspect: store.bad_chunks()?,
+                })
+            }
             None => None,
         };
         let tmp_dir = gdir.join(format!(".tmp-{}", writer.id));
@@ -870,6 +978,8 @@ impl Backup {
                 queue_max: QUEUE_MAX,
                 consumed: Arc::new(AtomicU64::new(0)),
                 base_catalog,
+                base_trees,
+                trees: Vec::new(),
                 limit: (opts.bwlimit > 0).then(|| RateLimit {
                     rate: opts.bwlimit,
                     start: Instant::now(),
@@ -949,6 +1059,59 @@ impl Backup {
         excludes: &ExcludeSet,
         one_file_system: bool,
     ) -> Result<vzkit_archive::Stats> {
+        self.add_volume_tree(src, member_prefix, excludes, one_file_system, None)
+            .map(|(st, _)| st)
+    }
+
+    /// As [`Backup::add_tree`], for a tree mounted from the volume image
+    /// whose key is `volume` ([`VolumeKey::of_image`], taken with the
+    /// volume mounted read-only). If the base snapshot recorded the same
+    /// tree (prefix, excludes, one-file-system rule, id map) with the same
+    /// key, the tree is not walked: its records are taken over whole. The
+    /// key is recorded for the next backup unless it changed within 1 s
+    /// before this backup started. Returns the walk's statistics (empty
+    /// for a tree taken over) and whether the tree was taken over.
+    ///
+    /// # Errors
+    /// Walk errors, store errors.
+    pub fn add_volume_tree(
+        &mut self,
+        src: &Path,
+        member_prefix: &str,
+        excludes: &ExcludeSet,
+        one_file_system: bool,
+        volume: Option<VolumeKey>,
+    ) -> Result<(vzkit_archive::Stats, bool)> {
+        let tree = self.state.tree;
+        let source = TreeSource {
+            prefix: member_prefix.to_string(),
+            fingerprint: tree_fingerprint(
+                member_prefix,
+                excludes,
+                one_file_system,
+                self.state.opts.id_map.as_ref(),
+            ),
+            volume: volume.filter(|v| {
+                let racy = self.state.start_ns - RACY_NS;
+                v.ctime_ns < racy && v.mtime_ns < racy
+            }),
+        };
+        let reuse = source.volume.is_some()
+            && self.state.opts.change_detection == ChangeDetection::Metadata
+            && self
+                .state
+                .prev
+                .as_ref()
+                .is_some_and(|p| p.suspect.is_empty())
+            && self.state.base_trees.get(tree as usize) == Some(&source);
+        self.state.trees.push(source);
+        if reuse {
+            self.state.check_cancel()?;
+            self.state.copy_tree(tree)?;
+            self.state.stats.trees_reused += 1;
+            self.state.tree += 1;
+            return Ok((vzkit_archive::Stats::default(), true));
+        }
         // The read-ahead thread offers only files the walk will read: with a
         // base, those whose key does not show them unchanged.
         let mut base = match &self.state.base_catalog {
@@ -986,7 +1149,7 @@ impl Backup {
         for w in &st.warnings {
             self.state.stats.warnings.push(w.clone());
         }
-        Ok(st)
+        Ok((st, false))
     }
 
     /// Wait for all chunks, write the catalog, config and manifest, sync
@@ -1027,6 +1190,7 @@ impl Backup {
             &parts,
             &self.state.stats,
             snapshot::id_map_name(self.state.opts.id_map.as_ref()),
+            std::mem::take(&mut self.state.trees),
         )?;
         self.state.store.sync()?;
         let final_dir = self.snap.path(&self.state.store);
@@ -1228,6 +1392,87 @@ mod tests {
         w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
         assert!(stream(&store, &changed.snapshot) == w.finish().unwrap());
         assert!(stream(&store, &first.snapshot) == want);
+    }
+
+    #[test]
+    fn a_tree_on_an_unchanged_volume_image_is_taken_over_unwalked() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        small_tree(&src, 3);
+        let image = dir.path().join("image.raw");
+        std::fs::write(&image, b"image").unwrap();
+        assert_eq!(
+            VolumeKey::of_image(&src),
+            None,
+            "a directory has no image key"
+        );
+        let key = VolumeKey::of_image(&image).expect("a file on a local file system");
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir).unwrap();
+        let store = Store::open(&store_dir).unwrap();
+        let want = {
+            let mut w = ArchiveWriter::new(Vec::new());
+            w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+            w.finish().unwrap()
+        };
+        let backup = |time: i64,
+                      o: Option<BackupOptions>,
+                      excludes: &ExcludeSet,
+                      key: Option<VolumeKey>,
+                      start_ns: i64| {
+            let mut o = o.unwrap_or_else(|| small_opts(time));
+            o.time = Some(time);
+            let mut b = Backup::start(&store, o).unwrap();
+            b.state.start_ns = start_ns;
+            let (_, whole) = b.add_volume_tree(&src, "./", excludes, true, key).unwrap();
+            let r = b.finish().unwrap();
+            assert_eq!(r.stats.trees_reused, u64::from(whole));
+            r
+        };
+        let none = ExcludeSet::new();
+        let old = i64::MAX / 2;
+        let first = backup(1_700_000_000, None, &none, Some(key), old);
+        assert_eq!(first.stats.files_read, 300);
+        // Same image, same walk: taken over, exactly the same stream.
+        let same = backup(1_700_000_010, None, &none, Some(key), old);
+        assert_eq!(same.stats.trees_reused, 1, "{:?}", same.stats);
+        assert_eq!(same.stats.files_read, 0);
+        assert_eq!(same.stats.files_reused, 300);
+        assert_eq!(same.stats.logical_size, first.stats.logical_size);
+        assert!(stream(&store, &same.snapshot) == want, "stream differs");
+        // A taken-over tree records the key again for the next backup.
+        let again = backup(1_700_000_020, None, &none, Some(key), old);
+        assert_eq!(again.stats.trees_reused, 1, "{:?}", again.stats);
+
+        // Anything else different: walked (files unchanged by their keys).
+        let mut changed = key;
+        changed.ctime_ns += 1;
+        let r = backup(1_700_000_030, None, &none, Some(changed), old);
+        assert_eq!(r.stats.trees_reused, 0);
+        assert_eq!(r.stats.files_reused, 300);
+        let (ex, _) = ExcludeSet::from_vzdump_patterns(&["/d1".to_string()]);
+        let r = backup(1_700_000_040, None, &ex, Some(changed), old);
+        assert_eq!(r.stats.trees_reused, 0);
+        assert!(r.stats.files < 300);
+        let r = backup(1_700_000_050, None, &none, None, old);
+        assert_eq!(r.stats.trees_reused, 0);
+        let r = backup(1_700_000_060, None, &none, Some(changed), old);
+        assert_eq!(r.stats.trees_reused, 0, "the base had no key");
+        let mut data = small_opts(0);
+        data.change_detection = ChangeDetection::Data;
+        let r = backup(1_700_000_070, Some(data), &none, Some(changed), old);
+        assert_eq!(r.stats.trees_reused, 0);
+        assert_eq!(r.stats.files_read, 300);
+        // A key that changed within a second before the backup is not recorded.
+        let mut fresh = changed;
+        fresh.ctime_ns += 1;
+        let racy = backup(1_700_000_080, None, &none, Some(fresh), fresh.ctime_ns);
+        assert_eq!(racy.stats.trees_reused, 0);
+        let after = backup(1_700_000_090, None, &none, Some(fresh), old);
+        assert_eq!(after.stats.trees_reused, 0, "{:?}", after.stats);
+        let last = backup(1_700_000_100, None, &none, Some(fresh), old);
+        assert_eq!(last.stats.trees_reused, 1, "{:?}", last.stats);
+        assert!(stream(&store, &last.snapshot) == want, "stream differs");
     }
 
     #[test]

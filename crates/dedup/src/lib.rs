@@ -121,7 +121,7 @@ pub mod snapshot;
 pub mod store;
 pub mod verify;
 
-pub use backup::{Backup, BackupOptions, BackupResult, BackupStats, ChangeDetection};
+pub use backup::{Backup, BackupOptions, BackupResult, BackupStats, ChangeDetection, VolumeKey};
 pub use error::{Error, Result};
 pub use snapshot::{SnapshotInfo, SnapshotRef};
 pub use store::Store;

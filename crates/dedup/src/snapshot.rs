@@ -125,6 +125,25 @@ pub struct Manifest {
     /// snapshots of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_map: Option<String>,
+    /// The source trees in order (missing in snapshots of older versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trees: Vec<TreeSource>,
+}
+
+/// A source tree of a snapshot, as the next backup compares it to reuse
+/// the whole tree (see the crate docs).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct TreeSource {
+    /// Member prefix (`./`, `./mnt/data`).
+    pub prefix: String,
+    /// blake3 (hex) of everything else that decides the tree's members:
+    /// prefix, excludes, one-file-system rule, id map.
+    pub fingerprint: String,
+    /// The identity of the image file the tree was mounted from, if it
+    /// proves the tree unchanged while it stays the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<crate::backup::VolumeKey>,
 }
 
 /// How a snapshot records the id map its trees were walked with: whole
@@ -163,6 +182,7 @@ pub(crate) fn write_manifest(
     parts: &[&str],
     stats: &BackupStats,
     id_map: String,
+    trees: Vec<TreeSource>,
 ) -> Result<()> {
     let mut files = Vec::new();
     for p in parts {
@@ -181,6 +201,7 @@ pub(crate) fn write_manifest(
         size: stats.logical_size,
         stats: serde_json::to_value(stats).unwrap_or_default(),
         id_map: Some(id_map),
+        trees,
     };
     let p = dir.join(MANIFEST);
     let text = serde_json::to_vec_pretty(&m).unwrap_or_default();

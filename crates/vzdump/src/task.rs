@@ -932,6 +932,29 @@ async fn archive(
     Ok(out)
 }
 
+/// For each archive source of a stop-mode backup mounted from a volume image file, the
+/// image's identity ([`vzkit_dedup::VolumeKey`]); `None` for other volumes.
+async fn volume_keys(
+    storages: &Storages,
+    disks: &[crate::plan::Disk],
+    sources: &[ArchiveSource],
+) -> Vec<Option<vzkit_dedup::VolumeKey>> {
+    let mut out = Vec::new();
+    for s in sources {
+        let mut key = None;
+        if let Some(d) = disks.iter().find(|d| d.member_prefix() == s.prefix)
+            && d.mp.kind() == vzkit_runtime::conf::MountPointKind::Volume
+            && let Ok((plugin, volname)) = storages.resolve(&d.mp.volume)
+            && let Ok(vzkit_storage::plugin::VolumeAccess::ImageFile(path)) =
+                plugin.access(&volname, None).await
+        {
+            key = vzkit_dedup::VolumeKey::of_image(&path);
+        }
+        out.push(key);
+    }
+    out
+}
+
 /// The archive step for a `dedup` storage: the same sources, excludes and id map as the tar
 /// archive, written as a snapshot of the store (incremental against the group's newest one).
 async fn archive_dedup(
@@ -958,13 +981,18 @@ async fn archive_dedup(
             "metadata"
         }
     ));
+    let volumes = if t.mode == Mode::Stop {
+        volume_keys(&ctx.storages, &t.plan.disks, &job.sources).await
+    } else {
+        vec![None; job.sources.len()]
+    };
     let vmid = t.vmid;
     let cancel = Arc::clone(&ctx.cancel);
     let cancelled = Arc::clone(&ctx.cancel);
     // KiB/s, as for the tar stream; here the file data read is paced.
     let bwlimit = u64::try_from(ctx.opts.bwlimit.unwrap_or(0)).unwrap_or(0) * 1024;
-    let res =
-        tokio::task::spawn_blocking(move || -> vzkit_dedup::Result<vzkit_dedup::BackupResult> {
+    let res = tokio::task::spawn_blocking(
+        move || -> vzkit_dedup::Result<(vzkit_dedup::BackupResult, Vec<String>)> {
             let store = vzkit_dedup::Store::open(&store_path)?;
             let mut o = vzkit_dedup::BackupOptions::new(vmid);
             o.change_detection = mode;
@@ -984,23 +1012,33 @@ async fn archive_dedup(
                 0o644,
                 job.config_mtime,
             )?;
-            for s in &job.sources {
+            let mut reused = Vec::new();
+            for (s, v) in job.sources.iter().zip(volumes) {
                 if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                     return Err(vzkit_dedup::Error::Invalid("interrupted by signal".into()));
                 }
-                b.add_tree(&s.dir, &s.prefix, &job.excludes, true)?;
+                let (_, whole) = b.add_volume_tree(&s.dir, &s.prefix, &job.excludes, true, v)?;
+                if whole {
+                    reused.push(s.prefix.clone());
+                }
             }
-            b.finish()
-        })
-        .await
-        .map_err(|e| Error::msg(format!("archive task failed - {e}")))?;
-    let r = res.map_err(|e| {
+            b.finish().map(|r| (r, reused))
+        },
+    )
+    .await
+    .map_err(|e| Error::msg(format!("archive task failed - {e}")))?;
+    let (r, reused) = res.map_err(|e| {
         if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
             Error::Interrupted
         } else {
             Error::msg(format!("dedup backup failed - {e}"))
         }
     })?;
+    for p in reused {
+        log.info(format!(
+            "volume image of '{p}' unchanged since the last backup: its tree was taken over without walking it"
+        ));
+    }
     for w in &r.stats.warnings {
         if !w.ends_with("socket ignored") {
             log.info(format!("tar: {w}"));
