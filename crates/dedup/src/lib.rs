@@ -61,6 +61,37 @@
 //! [`ChangeDetection::Data`] every file is read; unchanged regions of
 //! changed files still deduplicate through content-defined chunking.
 //!
+//! # Unchanged volumes (whole trees)
+//!
+//! A tree mounted from a volume image file ([`Backup::add_volume_tree`]:
+//! vzdump's stop mode, for raw images on `dir` and `btrfs` storages) is not
+//! walked at all if the base snapshot recorded the same tree — member
+//! prefix, excludes, one-file-system rule and id map, as a blake3
+//! fingerprint — with the same image key: device, inode number, size,
+//! mtime and ctime (ns) of the image file. Its records are then copied
+//! from the base. Why this is safe: every write to the image — through a
+//! loop device (buffered or direct I/O), `write`, `mmap` — updates its
+//! ctime, which cannot be set back; a writable mount of the file system
+//! alone writes its superblock; vzdump mounts the volume read-only, and
+//! its lock keeps the container from starting or being mounted meanwhile
+//! (after an unmount, all of the file system is in the image). Only
+//! images on local file systems where this holds are keyed (ext2/3/4, xfs,
+//! btrfs, tmpfs, zfs; not FUSE or network file systems, where another
+//! client or a daemon may write), and a key is only recorded if the image
+//! did not change within 1 s before the backup started (timestamp
+//! granularity). With [`ChangeDetection::Data`], or when verification
+//! has reported bad chunks, trees are always walked.
+//!
+//! # Read-ahead
+//!
+//! While a tree is walked, a second thread
+//! ([`vzkit_archive::prefetch::Prefetcher`]) walks it ahead in the same
+//! order, `stat`ing every entry and asking the kernel to read ahead the
+//! data of the files the walk will read — all of them without a base,
+//! else those the base does not show unchanged by the rule above — at
+//! most 64 MiB ahead of the reads. A freshly mounted volume is cold: the
+//! walk would otherwise wait for every directory block, inode and file.
+//!
 //! Reused chunks are not touched: the backup holds a shared lock on its
 //! base for its whole run, so the base cannot be removed and every garbage
 //! collection marks its chunks (the argument is in [`gc`]). Chunks that
