@@ -1096,14 +1096,17 @@ impl Backup {
                 v.ctime_ns < racy && v.mtime_ns < racy
             }),
         };
+        // Chunks verification reported bad must have been written again
+        // (by a backup that read their data) before records are taken over
+        // unchecked; the base itself is locked, so its chunks stay.
         let reuse = source.volume.is_some()
             && self.state.opts.change_detection == ChangeDetection::Metadata
-            && self
-                .state
-                .prev
-                .as_ref()
-                .is_some_and(|p| p.suspect.is_empty())
-            && self.state.base_trees.get(tree as usize) == Some(&source);
+            && self.state.base_trees.get(tree as usize) == Some(&source)
+            && self.state.prev.as_ref().is_some_and(|p| {
+                p.suspect
+                    .iter()
+                    .all(|d| self.state.store.chunk_path(d).exists())
+            });
         self.state.trees.push(source);
         if reuse {
             self.state.check_cancel()?;
@@ -1473,6 +1476,19 @@ mod tests {
         let last = backup(1_700_000_100, None, &none, Some(fresh), old);
         assert_eq!(last.stats.trees_reused, 1, "{:?}", last.stats);
         assert!(stream(&store, &last.snapshot) == want, "stream differs");
+
+        // A chunk reported bad and still missing: walked; once it is there again
+        // (written by a backup that read its data), taken over again.
+        let missing = [0xab; 32];
+        store.add_bad_chunks(&[missing]).unwrap();
+        let r = backup(1_700_000_110, None, &none, Some(fresh), old);
+        assert_eq!(r.stats.trees_reused, 0, "{:?}", r.stats);
+        let present = *blake3::hash(b"present").as_bytes();
+        store.insert_chunk(&present, b"present", 3, "t").unwrap();
+        std::fs::remove_file(store.bad_list_path()).unwrap();
+        store.add_bad_chunks(&[present]).unwrap();
+        let r = backup(1_700_000_120, None, &none, Some(fresh), old);
+        assert_eq!(r.stats.trees_reused, 1, "{:?}", r.stats);
     }
 
     #[test]

@@ -79,8 +79,8 @@
 //! btrfs, tmpfs, zfs; not FUSE or network file systems, where another
 //! client or a daemon may write), and a key is only recorded if the image
 //! did not change within 1 s before the backup started (timestamp
-//! granularity). With [`ChangeDetection::Data`], or when verification
-//! has reported bad chunks, trees are always walked.
+//! granularity). With [`ChangeDetection::Data`], or while a chunk that
+//! verification reported bad has not been written again, trees are walked.
 //!
 //! # Read-ahead
 //!
