@@ -414,6 +414,12 @@ struct RateLimit {
     read: u64,
 }
 
+/// Chunks a backup remembers as present or queued, so that it touches or
+/// checks each only once; beyond this (1M chunks, about 256 GiB of unique
+/// data) the set starts over, which only costs touching some chunks again,
+/// and memory stays bounded.
+const SEEN_MAX: usize = 1 << 20;
+
 /// Queued records beyond which the pack chunk being filled is cut early.
 const QUEUE_MAX: usize = 16_384;
 
@@ -431,6 +437,8 @@ struct State {
     queue: Queue,
     /// [`QUEUE_MAX`] (smaller in tests).
     queue_max: usize,
+    /// [`SEEN_MAX`] (smaller in tests).
+    seen_max: usize,
     limit: Option<RateLimit>,
     /// File bytes read so far (the read-ahead thread stays near it).
     consumed: Arc<AtomicU64>,
@@ -541,10 +549,19 @@ impl State {
         Ok(())
     }
 
+    /// Remember a chunk as present or queued (see [`SEEN_MAX`]); false if
+    /// it was known.
+    fn see(&mut self, d: [u8; 32]) -> bool {
+        if self.seen.len() >= self.seen_max {
+            self.seen.clear();
+        }
+        self.seen.insert(d)
+    }
+
     /// Hash a chunk and queue it for writing unless known.
     fn store_chunk(&mut self, data: &[u8]) -> Result<[u8; 32]> {
         let d = *blake3::hash(data).as_bytes();
-        if self.seen.insert(d) && !self.store.touch_chunk(&d)? {
+        if self.see(d) && !self.store.touch_chunk(&d)? {
             self.pool.send((d, data.to_vec()))?;
         }
         Ok(d)
@@ -765,7 +782,7 @@ impl State {
             }
         }
         for c in chunks {
-            self.seen.insert(c.digest);
+            self.see(c.digest);
         }
         Ok(true)
     }
@@ -976,6 +993,7 @@ impl Backup {
                 },
                 queue: Queue::default(),
                 queue_max: QUEUE_MAX,
+                seen_max: SEEN_MAX,
                 consumed: Arc::new(AtomicU64::new(0)),
                 base_catalog,
                 base_trees,
@@ -1385,6 +1403,18 @@ mod tests {
         o.change_detection = ChangeDetection::Data;
         let cut = backup(o, 3);
         assert!(stream(&store, &cut.snapshot) == want, "stream differs");
+
+        // A backup that forgets the chunks it has seen touches them again and
+        // writes nothing twice.
+        let mut o = small_opts(1_700_000_025);
+        o.change_detection = ChangeDetection::Data;
+        let mut b = Backup::start(&store, o).unwrap();
+        b.state.start_ns = i64::MAX / 2;
+        b.state.seen_max = 2;
+        b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        let forgetful = b.finish().unwrap();
+        assert_eq!(forgetful.stats.chunks_new, 0, "{:?}", forgetful.stats);
+        assert!(stream(&store, &forgetful.snapshot) == want, "stream differs");
 
         // A changed small file is packed anew; the others keep their slices.
         std::fs::write(src.join("d3/f3"), b"changed").unwrap();

@@ -120,7 +120,9 @@
 //! change by 2–5×; throughput is within the noise of the shared machine.
 //! blake3 of each chunk runs on the walking thread; compression and writing run on a
 //! pool of one thread per CPU fed through a bounded queue (memory: at most
-//! two queued chunks per thread plus one chunk being cut). Chunks already
+//! two queued chunks per thread plus one chunk being cut and one pack chunk
+//! being filled, at most 16,384 catalog records waiting for it, and at most
+//! 1M remembered chunk digests). Chunks already
 //! present are only touched, never recompressed or rewritten. Each thread
 //! keeps one zstd compression and one decompression context
 //! ([`store::compress`], [`store::decompress`]) instead of creating one
