@@ -607,6 +607,51 @@ fn prune_keeps_protected_snapshots_and_notes() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("protected"));
 }
 
+/// A vzkit root with a `local` dir storage, a `dedup` storage `backups` at `/srv/backups`
+/// (with `dedup_options`, tab-indented lines) and the config of container 100 without
+/// volumes.
+fn vzdump_host(dedup_options: &str) -> vzkit_tests::TestRoot {
+    let tr = vzkit_tests::TestRoot::new();
+    tr.write(
+        "/etc/pve/storage.cfg",
+        &format!(
+            "dir: local\n\tpath {}\n\tcontent backup,rootdir,images,vztmpl\n\n\
+             dedup: backups\n\tpath {}\n\tcontent backup\n{dedup_options}",
+            tr.join("/var/lib/vz").display(),
+            tr.join("/srv/backups").display()
+        ),
+    );
+    tr.write(
+        "/etc/pve/lxc/100.conf",
+        "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
+    );
+    tr
+}
+
+/// What a restore of container 100 (rootfs and a mount point at /mnt/data, both ext4
+/// volumes) may differ in from the source.
+fn mp_skips() -> Skips {
+    Skips {
+        meta: vec![
+            b"",
+            b"etc",
+            b"mnt",
+            b"mnt/data",
+            b"lost+found",
+            b"mnt/data/lost+found",
+        ],
+        extra: vec![b"etc/vzdump"],
+    }
+}
+
+/// `pvesm list backups` (JSON rows, oldest first).
+fn snapshot_rows(tr: &vzkit_tests::TestRoot) -> Vec<Value> {
+    let list: Value =
+        serde_json::from_str(&tr.ok("pvesm", &["list", "backups", "--output-format", "json"]))
+            .unwrap();
+    list.as_array().cloned().unwrap_or_default()
+}
+
 /// `vzdump --storage <dedup>` of a real container (rootfs and a `backup=1` mount point, stop
 /// mode), twice (the second reads nothing), then `pvesm list`, `pvesm extractconfig`,
 /// `pct restore` privileged and unprivileged compared with the source, and
@@ -614,22 +659,7 @@ fn prune_keeps_protected_snapshots_and_notes() {
 #[test]
 #[ignore = "needs root: loop devices, ext4 images, mounts, chown"]
 fn vzdump_to_dedup_storage_and_pct_restore() {
-    use vzkit_tests::TestRoot;
-    let tr = TestRoot::new();
-    let store = tr.join("/srv/backups");
-    tr.write(
-        "/etc/pve/storage.cfg",
-        &format!(
-            "dir: local\n\tpath {}\n\tcontent backup,rootdir,images,vztmpl\n\n\
-             dedup: backups\n\tpath {}\n\tcontent backup\n\tprune-backups keep-last=5\n",
-            tr.join("/var/lib/vz").display(),
-            store.display()
-        ),
-    );
-    tr.write(
-        "/etc/pve/lxc/100.conf",
-        "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
-    );
+    let tr = vzdump_host("\tprune-backups keep-last=5\n");
     tr.ok(
         "pct",
         &[
@@ -686,12 +716,9 @@ fn vzdump_to_dedup_storage_and_pct_restore() {
         "the unchanged container was read again: {line}"
     );
 
-    let list: Value =
-        serde_json::from_str(&tr.ok("pvesm", &["list", "backups", "--output-format", "json"]))
-            .unwrap();
-    let rows = list.as_array().unwrap();
-    assert_eq!(rows.len(), 2, "{list}");
-    for r in rows {
+    let rows = snapshot_rows(&tr);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
         assert!(
             r["volid"]
                 .as_str()
@@ -707,17 +734,7 @@ fn vzdump_to_dedup_storage_and_pct_restore() {
     let conf = tr.ok("pvesm", &["extractconfig", &volid]);
     assert!(conf.contains("hostname: src100"), "{conf}");
 
-    let sk = Skips {
-        meta: vec![
-            b"",
-            b"etc",
-            b"mnt",
-            b"mnt/data",
-            b"lost+found",
-            b"mnt/data/lost+found",
-        ],
-        extra: vec![b"etc/vzdump"],
-    };
+    let sk = mp_skips();
     tr.with_mounted(&["100"], || {
         for (vmid, unprivileged) in [(401u32, false), (402, true)] {
             let id = vmid.to_string();
@@ -733,11 +750,9 @@ fn vzdump_to_dedup_storage_and_pct_restore() {
     });
 
     tr.ok("pvesm", &["prune-backups", "backups", "--keep-last", "1"]);
-    let list: Value =
-        serde_json::from_str(&tr.ok("pvesm", &["list", "backups", "--output-format", "json"]))
-            .unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
-    assert_eq!(list[0]["volid"].as_str().unwrap(), volid);
+    let rows = snapshot_rows(&tr);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["volid"].as_str().unwrap(), volid);
 }
 
 /// `vzdump --storage <dedup> --bwlimit`: file data is read at the limit, and a SIGTERM in
@@ -746,22 +761,9 @@ fn vzdump_to_dedup_storage_and_pct_restore() {
 #[test]
 #[ignore = "needs root: loop devices, ext4 images, mounts"]
 fn vzdump_to_dedup_storage_honours_bwlimit_and_signals() {
-    use vzkit_tests::{TestRoot, bin};
-    let tr = TestRoot::new();
+    use vzkit_tests::bin;
+    let tr = vzdump_host("");
     let store = tr.join("/srv/backups");
-    tr.write(
-        "/etc/pve/storage.cfg",
-        &format!(
-            "dir: local\n\tpath {}\n\tcontent backup,rootdir,images,vztmpl\n\n\
-             dedup: backups\n\tpath {}\n\tcontent backup\n",
-            tr.join("/var/lib/vz").display(),
-            store.display()
-        ),
-    );
-    tr.write(
-        "/etc/pve/lxc/100.conf",
-        "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
-    );
     tr.ok("pct", &["set", "100", "--rootfs", "local:0.1"]);
     tr.with_mounted(&["100"], || {
         let src = tr.join("/var/lib/lxc/100/rootfs");
@@ -777,10 +779,7 @@ fn vzdump_to_dedup_storage_honours_bwlimit_and_signals() {
     assert!(o.status.success(), "{log}");
     assert!(t.elapsed() >= Duration::from_secs(3), "{:?}", t.elapsed());
     assert!(log.contains("INFO: bandwidth limit: 1024 KiB/s"), "{log}");
-    let snaps: Value =
-        serde_json::from_str(&tr.ok("pvesm", &["list", "backups", "--output-format", "json"]))
-            .unwrap();
-    assert_eq!(snaps.as_array().unwrap().len(), 1, "{snaps}");
+    assert_eq!(snapshot_rows(&tr).len(), 1);
 
     // Interrupted: SIGTERM one second into the paced reads of a full re-read.
     std::thread::sleep(Duration::from_millis(1100));
@@ -850,21 +849,7 @@ fn vzdump_to_dedup_storage_honours_bwlimit_and_signals() {
 #[test]
 #[ignore = "needs root: loop devices, ext4 images, mounts"]
 fn vzdump_takes_over_trees_of_unchanged_volume_images() {
-    use vzkit_tests::TestRoot;
-    let tr = TestRoot::new();
-    tr.write(
-        "/etc/pve/storage.cfg",
-        &format!(
-            "dir: local\n\tpath {}\n\tcontent backup,rootdir,images,vztmpl\n\n\
-             dedup: backups\n\tpath {}\n\tcontent backup\n",
-            tr.join("/var/lib/vz").display(),
-            tr.join("/srv/backups").display()
-        ),
-    );
-    tr.write(
-        "/etc/pve/lxc/100.conf",
-        "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
-    );
+    let tr = vzdump_host("");
     tr.ok(
         "pct",
         &[
@@ -932,24 +917,11 @@ fn vzdump_takes_over_trees_of_unchanged_volume_images() {
     );
 
     // The snapshot made of taken-over trees restores the current state exactly.
-    let list: Value =
-        serde_json::from_str(&tr.ok("pvesm", &["list", "backups", "--output-format", "json"]))
-            .unwrap();
-    let rows = list.as_array().unwrap();
-    assert_eq!(rows.len(), 4, "{list}");
+    let rows = snapshot_rows(&tr);
+    assert_eq!(rows.len(), 4, "{rows:?}");
     let volid = rows[3]["volid"].as_str().unwrap();
     tr.ok("pct", &["restore", "101", volid, "--storage", "local"]);
-    let sk = Skips {
-        meta: vec![
-            b"",
-            b"etc",
-            b"mnt",
-            b"mnt/data",
-            b"lost+found",
-            b"mnt/data/lost+found",
-        ],
-        extra: vec![b"etc/vzdump"],
-    };
+    let sk = mp_skips();
     tr.with_mounted(&["100", "101"], || {
         let dst = tr.join("/var/lib/lxc/101/rootfs");
         assert_eq!(fs::read(dst.join("mnt/data/d3/f3")).unwrap(), b"changed\n");

@@ -141,6 +141,82 @@ fn extract(archive: &Path, dest: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Each restored container in `dsts` holds the file written while `src` ran, a prefix of its
+/// ticker and otherwise `src`'s tree (both stopped); the last one starts with `src`'s
+/// hostname.
+fn assert_restored_and_starts(
+    r: &TestRoot,
+    rt: &tokio::runtime::Runtime,
+    lxc: &Lxc<'_>,
+    src: u32,
+    dsts: &[u32],
+    skips: &crate::restore::Skips,
+) {
+    let mut ids = vec![src.to_string()];
+    ids.extend(dsts.iter().map(u32::to_string));
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    r.with_mounted(&ids, || {
+        let from = r.join(&format!("/var/lib/lxc/{src}/rootfs"));
+        for id in dsts {
+            let dst = r.join(&format!("/var/lib/lxc/{id}/rootfs"));
+            assert_eq!(
+                std::fs::read_to_string(dst.join("root/live.txt")).unwrap(),
+                "written-while-running\n"
+            );
+            assert_ticker_prefix(&from, &dst);
+            crate::restore::compare_trees(&from, &dst, 0, skips);
+        }
+    });
+    let Some(&last) = dsts.last() else { return };
+    rt.block_on(async {
+        lxc.start(last, false, &mut warn).await.unwrap();
+        assert_running_and_alive(lxc, last).await;
+        assert_eq!(exec(lxc, last, "hostname").await, format!("ct{src}\n"));
+        lxc.stop(last, &mut warn).await.unwrap();
+    });
+}
+
+/// The log steps of a snapshot-mode backup of a running container that falls back to
+/// suspend mode, up to the guest running again.
+const SUSPEND_FALLBACK: [&str; 11] = [
+    "status = running",
+    "mode failure - some volumes do not support snapshots",
+    "trying 'suspend' mode instead",
+    "backup mode: suspend",
+    "starting first sync /proc/",
+    "first sync finished",
+    "suspending guest",
+    "starting final sync /proc/",
+    "final sync finished",
+    "resuming guest",
+    "guest is online again after ",
+];
+
+/// Each of `steps` is found in `log`, in this order.
+fn assert_in_order(log: &str, steps: &[&str]) {
+    let idx: Vec<usize> = steps.iter().map(|n| line_of(log, n)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+}
+
+/// Each of `phases` is a line of the hook's record, in this order.
+fn assert_hook_phases(hook_log: &str, phases: &[&str]) {
+    let lines: Vec<&str> = hook_log.lines().collect();
+    let pos = |p: &str| {
+        lines
+            .iter()
+            .position(|l| *l == p)
+            .unwrap_or_else(|| panic!("{p} missing:\n{hook_log}"))
+    };
+    for w in phases.windows(2) {
+        assert!(
+            pos(w[0]) < pos(w[1]),
+            "{} before {}:\n{hook_log}",
+            w[0],
+            w[1]
+        );
+    }
+}
+
 /// The index of the first log line containing `needle`; panics with the log when missing.
 fn line_of(log: &str, needle: &str) -> usize {
     log.lines()
@@ -244,8 +320,7 @@ fn stop_mode_shuts_down_backs_up_and_restarts_a_running_container() {
         "guest is online again after ",
         "Finished Backup of VM 951",
     ];
-    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
-    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    assert_in_order(&log, &order);
     online_after(&log);
     rt.block_on(async {
         assert_running_and_alive(&lxc, 951).await;
@@ -390,8 +465,7 @@ fn btrfs_snapshot_case(vmid: u32, spec: &str, rootfs: &str) {
         "cleanup temporary 'vzdump' snapshot",
         &format!("Finished Backup of VM {vmid}"),
     ];
-    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
-    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    assert_in_order(&log, &order);
     assert!(!log.contains("stopping virtual guest"), "{log}");
     assert!(!log.contains("suspending guest"), "{log}");
     // The hook saw the snapshot mounted read-only, with the file, and the CT running.
@@ -581,36 +655,24 @@ fn snapshot_mode_on_dir_falls_back_to_suspend_and_thaws_the_container() {
     );
     assert!(ok, "{log}");
     let order = [
-        "status = running",
-        "mode failure - some volumes do not support snapshots",
-        "trying 'suspend' mode instead",
-        "backup mode: suspend",
-        "starting first sync /proc/",
-        "first sync finished",
-        "suspending guest",
-        "starting final sync /proc/",
-        "final sync finished",
-        "resuming guest",
-        "guest is online again after ",
-        "creating vzdump archive",
-        "Finished Backup of VM 953",
-    ];
-    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
-    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+        &SUSPEND_FALLBACK[..],
+        &["creating vzdump archive", "Finished Backup of VM 953"],
+    ]
+    .concat();
+    assert_in_order(&log, &order);
     online_after(&log);
     // Frozen for the final pass only: running at backup-start, frozen at pre-restart (after
     // the final sync), running again at post-restart.
     let hook_log = std::fs::read_to_string(&rec).unwrap();
-    let phases: Vec<&str> = hook_log.lines().collect();
-    let pos = |p: &str| {
-        phases
-            .iter()
-            .position(|l| *l == p)
-            .unwrap_or_else(|| panic!("{p} missing:\n{hook_log}"))
-    };
-    assert!(pos("backup-start state=RUNNING") < pos("pre-stop state=RUNNING"));
-    assert!(pos("pre-stop state=RUNNING") < pos("pre-restart state=FROZEN"));
-    assert!(pos("pre-restart state=FROZEN") < pos("post-restart state=RUNNING"));
+    assert_hook_phases(
+        &hook_log,
+        &[
+            "backup-start state=RUNNING",
+            "pre-stop state=RUNNING",
+            "pre-restart state=FROZEN",
+            "post-restart state=RUNNING",
+        ],
+    );
     rt.block_on(async {
         assert_running_and_alive(&lxc, 953).await;
         assert_eq!(lxc.init_pid(953).await.unwrap().unwrap(), pid_before);
@@ -1102,8 +1164,7 @@ fn stop_mode_into_dedup_storage_restores_a_container_that_starts() {
         "restarting vm",
         "Finished Backup of VM 954",
     ];
-    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
-    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    assert_in_order(&log, &order);
     rt.block_on(assert_running_and_alive(&lxc, 954));
     let list = r.ok("pvesm", &["list", "backups"]);
     let volid = list
@@ -1248,37 +1309,31 @@ fn suspend_mode_into_dedup_storage_keeps_the_container_running_and_restores_exac
     );
     assert!(ok, "{log}");
     let order = [
-        "status = running",
-        "mode failure - some volumes do not support snapshots",
-        "trying 'suspend' mode instead",
-        "backup mode: suspend",
-        "starting first sync /proc/",
-        "first sync finished",
-        "suspending guest",
-        "starting final sync /proc/",
-        "final sync finished",
-        "resuming guest",
-        "guest is online again after ",
-        "creating snapshot in dedup storage 'backups'",
-        "files: ",
-        "backup volume: backups:backup/ct/963/",
-        "Finished Backup of VM 963",
-    ];
-    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
-    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+        &SUSPEND_FALLBACK[..],
+        &[
+            "creating snapshot in dedup storage 'backups'",
+            "files: ",
+            "backup volume: backups:backup/ct/963/",
+            "Finished Backup of VM 963",
+        ],
+    ]
+    .concat();
+    assert_in_order(&log, &order);
     online_after(&log);
     let hook_log = std::fs::read_to_string(&rec).unwrap();
-    let phases: Vec<&str> = hook_log.lines().collect();
-    let pos = |p: &str| {
-        phases
-            .iter()
-            .position(|l| *l == p)
-            .unwrap_or_else(|| panic!("{p} missing:\n{hook_log}"))
-    };
-    assert!(pos("backup-start state=RUNNING") < pos("pre-stop state=RUNNING"));
-    assert!(pos("pre-stop state=RUNNING") < pos("pre-restart state=FROZEN"));
-    assert!(pos("pre-restart state=FROZEN") < pos("post-restart state=RUNNING"));
-    assert!(pos("post-restart state=RUNNING") < pos("backup-end state=RUNNING"));
+    assert_hook_phases(
+        &hook_log,
+        &[
+            "backup-start state=RUNNING",
+            "pre-stop state=RUNNING",
+            "pre-restart state=FROZEN",
+            "post-restart state=RUNNING",
+        ],
+    );
+    assert_hook_phases(
+        &hook_log,
+        &["post-restart state=RUNNING", "backup-end state=RUNNING"],
+    );
     rt.block_on(async {
         assert_running_and_alive(&lxc, 963).await;
         assert_eq!(lxc.init_pid(963).await.unwrap().unwrap(), pid_before);
@@ -1303,22 +1358,7 @@ fn suspend_mode_into_dedup_storage_keeps_the_container_running_and_restores_exac
         conf.contains("rootfs: local:964/vm-964-disk-0.raw"),
         "{conf}"
     );
-    r.with_mounted(&["963", "964"], || {
-        let src = r.join("/var/lib/lxc/963/rootfs");
-        let dst = r.join("/var/lib/lxc/964/rootfs");
-        assert_eq!(
-            std::fs::read_to_string(dst.join("root/live.txt")).unwrap(),
-            "written-while-running\n"
-        );
-        assert_ticker_prefix(&src, &dst);
-        crate::restore::compare_trees(&src, &dst, 0, &suspend_skips());
-    });
-    rt.block_on(async {
-        lxc.start(964, false, &mut warn).await.unwrap();
-        assert_running_and_alive(&lxc, 964).await;
-        assert_eq!(exec(&lxc, 964, "hostname").await, "ct963\n");
-        lxc.stop(964, &mut warn).await.unwrap();
-    });
+    assert_restored_and_starts(&r, &rt, &lxc, 963, &[964], &suspend_skips());
 }
 
 /// `vzdump --mode snapshot --storage <dedup>` of a running container whose rootfs is a btrfs
@@ -1386,8 +1426,7 @@ fn snapshot_mode_on_btrfs_into_dedup_storage_then_simple_and_advanced_restore() 
         "cleanup temporary 'vzdump' snapshot",
         "Finished Backup of VM 965",
     ];
-    let idx: Vec<usize> = order.iter().map(|n| line_of(&log, n)).collect();
-    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{idx:?}\n{log}");
+    assert_in_order(&log, &order);
     assert!(!log.contains("stopping virtual guest"), "{log}");
     assert!(!log.contains("suspending guest"), "{log}");
     rt.block_on(async {
@@ -1428,24 +1467,7 @@ fn snapshot_mode_on_btrfs_into_dedup_storage_then_simple_and_advanced_restore() 
         advanced_conf.contains("rootfs: local:967/vm-967-disk-0.raw,size=256M"),
         "{advanced}\n{advanced_conf}"
     );
-    r.with_mounted(&["965", "966", "967"], || {
-        let src = r.join("/var/lib/lxc/965/rootfs");
-        for id in [966, 967] {
-            let dst = r.join(&format!("/var/lib/lxc/{id}/rootfs"));
-            assert_eq!(
-                std::fs::read_to_string(dst.join("root/live.txt")).unwrap(),
-                "written-while-running\n"
-            );
-            assert_ticker_prefix(&src, &dst);
-            crate::restore::compare_trees(&src, &dst, 0, &running_skips());
-        }
-    });
-    rt.block_on(async {
-        lxc.start(967, false, &mut warn).await.unwrap();
-        assert_running_and_alive(&lxc, 967).await;
-        assert_eq!(exec(&lxc, 967, "hostname").await, "ct965\n");
-        lxc.stop(967, &mut warn).await.unwrap();
-    });
+    assert_restored_and_starts(&r, &rt, &lxc, 965, &[966, 967], &running_skips());
 }
 
 /// An unprivileged (id-mapped) container backed up into a `dedup` storage: in suspend mode

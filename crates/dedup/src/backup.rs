@@ -1249,6 +1249,13 @@ mod tests {
     use super::*;
     use crate::snapshot::TarStream;
 
+    /// An empty store in `dir`/store.
+    fn new_store(dir: &Path) -> Store {
+        let p = dir.join("store");
+        std::fs::create_dir(&p).unwrap();
+        Store::open(&p).unwrap()
+    }
+
     fn tree(root: &Path) {
         std::fs::create_dir_all(root.join("a/b")).unwrap();
         std::fs::write(root.join("a/b/small"), b"hello\n").unwrap();
@@ -1267,9 +1274,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         tree(&src);
-        let store_dir = dir.path().join("store");
-        std::fs::create_dir(&store_dir).unwrap();
-        let store = Store::open(&store_dir).unwrap();
+        let store = new_store(dir.path());
         let mut o = BackupOptions::new(100);
         o.time = Some(1_700_000_000);
         let mut b = Backup::start(&store, o).unwrap();
@@ -1365,9 +1370,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         small_tree(&src, 1);
-        let store_dir = dir.path().join("store");
-        std::fs::create_dir(&store_dir).unwrap();
-        let store = Store::open(&store_dir).unwrap();
+        let store = new_store(dir.path());
         let want = {
             let mut w = ArchiveWriter::new(Vec::new());
             w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
@@ -1414,7 +1417,10 @@ mod tests {
         b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
         let forgetful = b.finish().unwrap();
         assert_eq!(forgetful.stats.chunks_new, 0, "{:?}", forgetful.stats);
-        assert!(stream(&store, &forgetful.snapshot) == want, "stream differs");
+        assert!(
+            stream(&store, &forgetful.snapshot) == want,
+            "stream differs"
+        );
 
         // A changed small file is packed anew; the others keep their slices.
         std::fs::write(src.join("d3/f3"), b"changed").unwrap();
@@ -1440,9 +1446,7 @@ mod tests {
             "a directory has no image key"
         );
         let key = VolumeKey::of_image(&image).expect("a file on a local file system");
-        let store_dir = dir.path().join("store");
-        std::fs::create_dir(&store_dir).unwrap();
-        let store = Store::open(&store_dir).unwrap();
+        let store = new_store(dir.path());
         let want = {
             let mut w = ArchiveWriter::new(Vec::new());
             w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
@@ -1526,9 +1530,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         small_tree(&src, 9);
-        let store_dir = dir.path().join("store");
-        std::fs::create_dir(&store_dir).unwrap();
-        let store = Store::open(&store_dir).unwrap();
+        let store = new_store(dir.path());
         let mut b = Backup::start(&store, small_opts(1_700_000_000)).unwrap();
         b.state.start_ns = i64::MAX / 2;
         b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
@@ -1570,9 +1572,7 @@ mod tests {
         // 1.5 MiB in a large file and 300 packed ones.
         std::fs::write(src.join("big"), vec![7u8; 1 << 20]).unwrap();
         small_tree(&src, 5);
-        let store_dir = dir.path().join("store");
-        std::fs::create_dir(&store_dir).unwrap();
-        let store = Store::open(&store_dir).unwrap();
+        let store = new_store(dir.path());
 
         let mut o = BackupOptions::new(100);
         o.time = Some(1_700_000_000);
@@ -1632,9 +1632,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         tree(&src);
-        let store_dir = dir.path().join("store");
-        std::fs::create_dir(&store_dir).unwrap();
-        let store = Store::open(&store_dir).unwrap();
+        let store = new_store(dir.path());
         let backup = |time: i64| {
             let mut o = BackupOptions::new(100);
             o.time = Some(time);
