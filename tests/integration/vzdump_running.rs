@@ -141,6 +141,16 @@ fn extract(archive: &Path, dest: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Start container `vmid`, write `/root/live.txt` in it and start its ticker; its init PID.
+fn start_live(rt: &tokio::runtime::Runtime, lxc: &Lxc<'_>, vmid: u32) -> u32 {
+    rt.block_on(async {
+        lxc.start(vmid, false, &mut warn).await.unwrap();
+        exec(lxc, vmid, "echo written-while-running > /root/live.txt").await;
+        start_ticker(lxc, vmid).await;
+        lxc.init_pid(vmid).await.unwrap().unwrap()
+    })
+}
+
 /// Each restored container in `dsts` holds the file written while `src` ran, a prefix of its
 /// ticker and otherwise `src`'s tree (both stopped); the last one starts with `src`'s
 /// hostname.
@@ -191,6 +201,26 @@ const SUSPEND_FALLBACK: [&str; 11] = [
     "resuming guest",
     "guest is online again after ",
 ];
+
+/// A snapshot-mode backup that fell back to suspend mode: its log has the suspend steps,
+/// then `then`, the guest was online again in time, and the hook saw it frozen for the final
+/// pass only (running at backup-start, frozen at pre-restart after the final sync, running
+/// again at post-restart). The hook's record.
+fn assert_suspend_fallback(log: &str, rec: &Path, then: &[&str]) -> String {
+    assert_in_order(log, &[&SUSPEND_FALLBACK[..], then].concat());
+    online_after(log);
+    let hook_log = std::fs::read_to_string(rec).unwrap();
+    assert_hook_phases(
+        &hook_log,
+        &[
+            "backup-start state=RUNNING",
+            "pre-stop state=RUNNING",
+            "pre-restart state=FROZEN",
+            "post-restart state=RUNNING",
+        ],
+    );
+    hook_log
+}
 
 /// Each of `steps` is found in `log`, in this order.
 fn assert_in_order(log: &str, steps: &[&str]) {
@@ -278,12 +308,7 @@ fn stop_mode_shuts_down_backs_up_and_restarts_a_running_container() {
     let rec = write_hook(&r, 951);
     let hook = r.join("/hook.sh");
     let rt = rt();
-    let pid_before = rt.block_on(async {
-        lxc.start(951, false, &mut warn).await.unwrap();
-        exec(&lxc, 951, "echo written-while-running > /root/live.txt").await;
-        start_ticker(&lxc, 951).await;
-        lxc.init_pid(951).await.unwrap().unwrap()
-    });
+    let pid_before = start_live(&rt, &lxc, 951);
     let (ok, log) = vzdump(
         &r,
         &[
@@ -435,12 +460,7 @@ fn btrfs_snapshot_case(vmid: u32, spec: &str, rootfs: &str) {
     std::fs::create_dir_all(&dump).unwrap();
     let rec = write_hook(&r, vmid);
     let rt = rt();
-    let pid_before = rt.block_on(async {
-        lxc.start(vmid, false, &mut warn).await.unwrap();
-        exec(&lxc, vmid, "echo written-while-running > /root/live.txt").await;
-        start_ticker(&lxc, vmid).await;
-        lxc.init_pid(vmid).await.unwrap().unwrap()
-    });
+    let pid_before = start_live(&rt, &lxc, vmid);
     let id = vmid.to_string();
     let args = [
         id.as_str(),
@@ -628,12 +648,7 @@ fn snapshot_mode_on_dir_falls_back_to_suspend_and_thaws_the_container() {
     std::fs::create_dir_all(&dump).unwrap();
     let rec = write_hook(&r, 953);
     let rt = rt();
-    let pid_before = rt.block_on(async {
-        lxc.start(953, false, &mut warn).await.unwrap();
-        exec(&lxc, 953, "echo written-while-running > /root/live.txt").await;
-        start_ticker(&lxc, 953).await;
-        lxc.init_pid(953).await.unwrap().unwrap()
-    });
+    let pid_before = start_live(&rt, &lxc, 953);
     let hook = r.join("/hook.sh");
     let scratch = r.join("/scratch");
     std::fs::create_dir_all(&scratch).unwrap();
@@ -654,24 +669,10 @@ fn snapshot_mode_on_dir_falls_back_to_suspend_and_thaws_the_container() {
         ],
     );
     assert!(ok, "{log}");
-    let order = [
-        &SUSPEND_FALLBACK[..],
+    assert_suspend_fallback(
+        &log,
+        &rec,
         &["creating vzdump archive", "Finished Backup of VM 953"],
-    ]
-    .concat();
-    assert_in_order(&log, &order);
-    online_after(&log);
-    // Frozen for the final pass only: running at backup-start, frozen at pre-restart (after
-    // the final sync), running again at post-restart.
-    let hook_log = std::fs::read_to_string(&rec).unwrap();
-    assert_hook_phases(
-        &hook_log,
-        &[
-            "backup-start state=RUNNING",
-            "pre-stop state=RUNNING",
-            "pre-restart state=FROZEN",
-            "post-restart state=RUNNING",
-        ],
     );
     rt.block_on(async {
         assert_running_and_alive(&lxc, 953).await;
@@ -786,12 +787,7 @@ fn unprivileged_container_in_suspend_and_stop_mode_archives_container_ids() {
     let s = storages(&r);
     let lxc = Lxc::new(&s);
     let rt = rt();
-    let pid_before = rt.block_on(async {
-        lxc.start(955, false, &mut warn).await.unwrap();
-        exec(&lxc, 955, "echo written-while-running > /root/live.txt").await;
-        start_ticker(&lxc, 955).await;
-        lxc.init_pid(955).await.unwrap().unwrap()
-    });
+    let pid_before = start_live(&rt, &lxc, 955);
     let host_file = PathBuf::from(format!("/proc/{pid_before}/root/root/live.txt"));
     assert_eq!(
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&host_file).unwrap()),
@@ -1288,12 +1284,7 @@ fn suspend_mode_into_dedup_storage_keeps_the_container_running_and_restores_exac
     let rec = write_hook(&r, 963);
     let hook = r.join("/hook.sh");
     let rt = rt();
-    let pid_before = rt.block_on(async {
-        lxc.start(963, false, &mut warn).await.unwrap();
-        exec(&lxc, 963, "echo written-while-running > /root/live.txt").await;
-        start_ticker(&lxc, 963).await;
-        lxc.init_pid(963).await.unwrap().unwrap()
-    });
+    let pid_before = start_live(&rt, &lxc, 963);
     age_tree();
     let (ok, log) = vzdump(
         &r,
@@ -1308,26 +1299,14 @@ fn suspend_mode_into_dedup_storage_keeps_the_container_running_and_restores_exac
         ],
     );
     assert!(ok, "{log}");
-    let order = [
-        &SUSPEND_FALLBACK[..],
+    let hook_log = assert_suspend_fallback(
+        &log,
+        &rec,
         &[
             "creating snapshot in dedup storage 'backups'",
             "files: ",
             "backup volume: backups:backup/ct/963/",
             "Finished Backup of VM 963",
-        ],
-    ]
-    .concat();
-    assert_in_order(&log, &order);
-    online_after(&log);
-    let hook_log = std::fs::read_to_string(&rec).unwrap();
-    assert_hook_phases(
-        &hook_log,
-        &[
-            "backup-start state=RUNNING",
-            "pre-stop state=RUNNING",
-            "pre-restart state=FROZEN",
-            "post-restart state=RUNNING",
         ],
     );
     assert_hook_phases(
@@ -1386,12 +1365,7 @@ fn snapshot_mode_on_btrfs_into_dedup_storage_then_simple_and_advanced_restore() 
     let rec = write_hook(&r, 965);
     let hook = r.join("/hook.sh");
     let rt = rt();
-    let pid_before = rt.block_on(async {
-        lxc.start(965, false, &mut warn).await.unwrap();
-        exec(&lxc, 965, "echo written-while-running > /root/live.txt").await;
-        start_ticker(&lxc, 965).await;
-        lxc.init_pid(965).await.unwrap().unwrap()
-    });
+    let pid_before = start_live(&rt, &lxc, 965);
     let (ok, log) = vzdump(
         &r,
         &[
@@ -1489,12 +1463,7 @@ fn unprivileged_container_into_dedup_storage_keeps_container_ids_and_reuses_file
     let s = storages(&r);
     let lxc = Lxc::new(&s);
     let rt = rt();
-    let pid_before = rt.block_on(async {
-        lxc.start(968, false, &mut warn).await.unwrap();
-        exec(&lxc, 968, "echo written-while-running > /root/live.txt").await;
-        start_ticker(&lxc, 968).await;
-        lxc.init_pid(968).await.unwrap().unwrap()
-    });
+    let pid_before = start_live(&rt, &lxc, 968);
     let host_file = PathBuf::from(format!("/proc/{pid_before}/root/root/live.txt"));
     assert_eq!(std::fs::metadata(&host_file).unwrap().uid(), 100_000);
     age_tree();
