@@ -542,6 +542,12 @@ fn corrupt_chunk_is_found_and_only_its_files_fail_to_restore() {
     assert!(chunk.exists());
     let out = env.ok(&["verify", &snap_name(1_700_000_010)]);
     assert!(out.contains(": ok"), "{out}");
+    // The next collection drops it from the list of bad chunks; later backups trust it.
+    let listed = || fs::read_to_string(env.store.join(".bad-chunks")).unwrap();
+    assert!(listed().contains(&digest), "{}", listed());
+    let r = env.gc("3600");
+    assert_eq!(num(&r, "bad-chunks-cleared"), 1, "{r}");
+    assert!(!listed().contains(&digest), "{}", listed());
 }
 
 #[test]

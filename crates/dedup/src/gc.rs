@@ -66,6 +66,9 @@ pub struct GcReport {
     pub tmp_removed: u64,
     /// Temporary snapshot directories of killed backups removed.
     pub stale_snapshots_removed: u64,
+    /// Chunks dropped from the list of bad chunks because they were
+    /// written again.
+    pub bad_chunks_cleared: u64,
 }
 
 /// Run a garbage collection with the given grace period.
@@ -187,6 +190,8 @@ pub fn garbage_collect(store: &Store, grace: Duration) -> Result<GcReport> {
             }
         }
     }
+    // Chunks reported bad that are present again need no more checking.
+    r.bad_chunks_cleared = store.prune_bad_chunks()? as u64;
     Ok(r)
 }
 

@@ -97,7 +97,8 @@
 //! collection marks its chunks (the argument is in [`gc`]). Chunks that
 //! verification found damaged or missing (listed in `.bad-chunks`) are
 //! checked first; a file using a missing one is read, and the chunk is
-//! written again.
+//! written again. Garbage collection drops chunks present again from that
+//! list.
 
 //! # Chunking
 //!

@@ -334,9 +334,54 @@ impl Store {
             .append(true)
             .open(&p)
             .map_err(|e| Error::io("open", &p, e))?;
+        // Exclusive against `prune_bad_chunks` rewriting the list.
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| Error::io("lock", &p, e.into()))?;
         f.write_all(text.as_bytes())
             .and_then(|()| f.sync_all())
             .map_err(|e| Error::io("write", &p, e))
+    }
+
+    /// Drop from [`Store::bad_list_path`] the chunks that are present
+    /// again (a backup that read their data wrote them again); returns how
+    /// many were dropped. The list is rewritten in place under the same
+    /// lock [`Store::add_bad_chunks`] takes.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn prune_bad_chunks(&self) -> Result<usize> {
+        use std::io::{Seek, SeekFrom};
+        let p = self.bad_list_path();
+        let mut f = match std::fs::OpenOptions::new().read(true).write(true).open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io("open", &p, e)),
+        };
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| Error::io("lock", &p, e.into()))?;
+        let mut text = String::new();
+        f.read_to_string(&mut text)
+            .map_err(|e| Error::io("read", &p, e))?;
+        let mut kept = String::new();
+        let mut dropped = 0;
+        for l in text.lines() {
+            match parse_hex(l.trim()) {
+                Some(d) if self.chunk_path(&d).exists() => dropped += 1,
+                Some(_) => {
+                    kept.push_str(l.trim());
+                    kept.push('\n');
+                }
+                None => {}
+            }
+        }
+        if dropped > 0 {
+            f.set_len(0)
+                .and_then(|()| f.seek(SeekFrom::Start(0)).map(|_| ()))
+                .and_then(|()| f.write_all(kept.as_bytes()))
+                .and_then(|()| f.sync_all())
+                .map_err(|e| Error::io("write", &p, e))?;
+        }
+        Ok(dropped)
     }
 
     /// Register a running backup: a flock'd file under `.writers/` holding

@@ -354,6 +354,7 @@ fn run(cli: Cli) -> Result<u8> {
                     "chunks-kept": r.chunks_kept,
                     "tmp-removed": r.tmp_removed,
                     "stale-snapshots-removed": r.stale_snapshots_removed,
+                    "bad-chunks-cleared": r.bad_chunks_cleared,
                 }))?
             );
         }
