@@ -415,10 +415,8 @@ struct RateLimit {
 }
 
 /// Chunks a backup remembers as present or queued, so that it touches or
-/// checks each only once; beyond this (1M chunks, about 256 GiB of unique
-/// data) the set starts over, which only costs touching some chunks again,
-/// and memory stays bounded.
-const SEEN_MAX: usize = 1 << 20;
+/// checks each only once (see [`crate::MEMO_MAX`]).
+const SEEN_MAX: usize = crate::MEMO_MAX;
 
 /// Queued records beyond which the pack chunk being filled is cut early.
 const QUEUE_MAX: usize = 16_384;

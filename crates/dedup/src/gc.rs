@@ -52,7 +52,8 @@ use crate::store::{LockFile, Store, hex, lock_is_held, now_ns};
 pub struct GcReport {
     /// Complete snapshots marked.
     pub snapshots: u64,
-    /// Distinct chunks referenced.
+    /// Distinct chunks referenced (up to [`crate::MEMO_MAX`] of them; beyond,
+    /// some are counted again).
     pub chunks_marked: u64,
     /// Referenced chunks that are missing (hex).
     pub missing: Vec<String>,
@@ -105,7 +106,8 @@ pub fn garbage_collect(store: &Store, grace: Duration) -> Result<GcReport> {
         .saturating_sub(grace_ns)
         .saturating_sub(1_000_000_000);
 
-    // Mark.
+    // Mark. The set only saves touching a chunk again (bounded memory: beyond
+    // `MEMO_MAX` chunks it starts over, and `chunks_marked` counts touches).
     let mut marked: HashSet<[u8; 32]> = HashSet::new();
     // Every snapshot directory with a catalog counts, even one whose manifest is damaged:
     // an unreadable catalog stops the collection before anything is swept.
@@ -113,14 +115,21 @@ pub fn garbage_collect(store: &Store, grace: Duration) -> Result<GcReport> {
         r.snapshots += 1;
         for m in crate::catalog::CatalogReader::open(&dir.join(snapshot::CATALOG))? {
             for c in m?.chunks {
-                if marked.insert(c.digest) && !store.touch_chunk(&c.digest)? {
-                    r.missing.push(hex(&c.digest));
+                if marked.len() >= crate::MEMO_MAX {
+                    marked.clear();
+                }
+                if marked.insert(c.digest) {
+                    r.chunks_marked += 1;
+                    if !store.touch_chunk(&c.digest)? {
+                        r.missing.push(hex(&c.digest));
+                    }
                 }
             }
         }
     }
-    r.chunks_marked = marked.len() as u64;
     drop(marked);
+    r.missing.sort();
+    r.missing.dedup();
 
     // Stale snapshot directories.
     for s in std::fs::read_dir(store.root().join("ct"))

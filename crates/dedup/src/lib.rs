@@ -142,6 +142,13 @@
 //! unchanged re-backup of an untouched volume; at parity within the noise:
 //! first backup, restore; not met: 1% change (target 10%).
 
+/// How many chunk digests a backup, a verification or a collection
+/// remembers to skip repeated work (touching, checking) on chunks it has
+/// handled: beyond this (1M chunks, about 256 GiB of unique data) the set
+/// starts over, which only costs repeating some of that work, and memory
+/// stays bounded (about 50 MB).
+pub const MEMO_MAX: usize = 1 << 20;
+
 pub mod backup;
 pub mod catalog;
 pub mod chunker;
