@@ -132,13 +132,13 @@
 //! # Performance
 //!
 //! `scripts/bench-dedup.sh` (1.23 GB container tree, 31,086 files, 10
-//! versions; 2 shared cores; both runs in README.md), last run: first
-//! backup 5.66 s (vzdump tar.zst 5.26 s, restic 12.09 s; the run before:
-//! 5.39 s vs 6.10 s), CPU-bound with about the CPU time of the tar.zst;
-//! unchanged re-backup 0.25 s (4.4%; the tree taken over) or 0.43 s
-//! (7.5%; walked after a writable mount); 1% change 0.74 s (13.0%;
-//! changed files are re-read whole, 169 MB); 572 MB after 10 versions
-//! (restic 610 MB); restore 6.93 s (tar.zst 6.98 s). Met: store size,
+//! versions; 2 shared cores; three runs in README.md): first backup
+//! 4.82–5.66 s against vzdump tar.zst 4.66–6.10 s in the same runs
+//! (0.88–1.08×; CPU-bound, with about the CPU time of the tar.zst);
+//! unchanged re-backup 4.3–4.4% of the first with the tree taken over,
+//! 7.5–11.8% when walked after a writable mount; 1% change 12.6–18.0%
+//! (changed files are re-read whole, 169 MB); 572 MB after 10 versions
+//! (restic 610–621 MB); restore 0.99–1.05× the tar.zst's. Met: store size,
 //! unchanged re-backup of an untouched volume; at parity within the noise:
 //! first backup, restore; not met: 1% change (target 10%).
 
