@@ -25,6 +25,18 @@ const PIECE: u64 = 4 << 20;
 /// will be read and so should be read ahead.
 pub type WantData<'a> = dyn FnMut(&[u8], &rustix::fs::Stat) -> bool + 'a;
 
+/// Sets a prefetcher's stop flag when dropped: the reader holds one while
+/// it reads, so that the prefetcher ends also when the reader fails or
+/// panics (instead of waiting for room forever).
+#[derive(Debug)]
+pub struct StopOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The read-ahead walker (see the module docs).
 pub struct Prefetcher<'a> {
     excludes: &'a ExcludeSet,
@@ -46,8 +58,9 @@ impl std::fmt::Debug for Prefetcher<'_> {
 
 impl<'a> Prefetcher<'a> {
     /// A prefetcher staying at most `window` allocated bytes of advised
-    /// data ahead of `consumed` (bytes the reader has read; the reader
-    /// counts the same files the prefetcher advises), until `stop` is set.
+    /// data ahead of `consumed` (bytes the reader has read from now on; the
+    /// reader counts the same files the prefetcher advises), until `stop`
+    /// is set (see [`StopOnDrop`]).
     #[must_use]
     pub fn new(
         excludes: &'a ExcludeSet,
@@ -60,7 +73,7 @@ impl<'a> Prefetcher<'a> {
             consumed,
             stop,
             window,
-            advised: 0,
+            advised: consumed.load(Ordering::Relaxed),
             want: None,
         }
     }
@@ -227,6 +240,21 @@ mod tests {
         assert_eq!(names, ["./a", "./b/c/d", "./b/e", "./z"]);
         // Three files of one block each were advised.
         assert!(advised > 0 && advised <= 3 * 8192, "{advised}");
+
+        // A prefetcher waiting for room ends when the reader's guard is dropped
+        // (here by a panicking reader).
+        let fresh = AtomicBool::new(false);
+        let ended = std::thread::scope(|sc| {
+            let h = sc.spawn(|| Prefetcher::new(&ex, &consumed, &fresh, 0).run_tree(root, "./"));
+            let reader = std::panic::catch_unwind(|| {
+                let _stop = StopOnDrop(&fresh);
+                std::thread::sleep(Duration::from_millis(50));
+                panic!("reader failed");
+            });
+            assert!(reader.is_err());
+            h.join().unwrap()
+        });
+        assert!(!ended);
 
         // A stopped prefetcher ends its walk.
         stop.store(true, Ordering::Relaxed);

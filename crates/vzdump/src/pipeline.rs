@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use vzkit_archive::prefetch::Prefetcher;
+use vzkit_archive::prefetch::{Prefetcher, StopOnDrop};
 use vzkit_archive::{ArchiveWriter, Compression, ExcludeSet, IdMap, Stats, compressor};
 
 use crate::error::{Error, Result};
@@ -395,9 +395,8 @@ pub fn write_archive(job: &ArchiveJob, sink: &Sink, ctl: &Control) -> Result<Arc
                     }
                 }
             });
-        let r = encoder_stage(job, sender);
-        done.store(true, Ordering::Relaxed);
-        r
+        let _stop = StopOnDrop(&done);
+        encoder_stage(job, sender)
     });
     // The encoder's sender is dropped by now: the compressor sees the end of its input.
     let compressed = comp
