@@ -67,8 +67,8 @@ pub struct GcReport {
     pub tmp_removed: u64,
     /// Temporary snapshot directories of killed backups removed.
     pub stale_snapshots_removed: u64,
-    /// Chunks dropped from the list of bad chunks because they were
-    /// written again.
+    /// Chunks dropped from the list of bad chunks: intact again (written
+    /// again by a backup) or no longer used by any snapshot.
     pub bad_chunks_cleared: u64,
 }
 
@@ -109,12 +109,18 @@ pub fn garbage_collect(store: &Store, grace: Duration) -> Result<GcReport> {
     // Mark. The set only saves touching a chunk again (bounded memory: beyond
     // `MEMO_MAX` chunks it starts over, and `chunks_marked` counts touches).
     let mut marked: HashSet<[u8; 32]> = HashSet::new();
+    // Chunks listed as bad now, and which of them a complete snapshot uses.
+    let listed_bad = store.bad_chunks()?;
+    let mut bad_used: HashSet<[u8; 32]> = HashSet::new();
     // Every snapshot directory with a catalog counts, even one whose manifest is damaged:
     // an unreadable catalog stops the collection before anything is swept.
     for dir in snapshot::snapshot_dirs(store)? {
         r.snapshots += 1;
         for m in crate::catalog::CatalogReader::open(&dir.join(snapshot::CATALOG))? {
             for c in m?.chunks {
+                if listed_bad.contains(&c.digest) {
+                    bad_used.insert(c.digest);
+                }
                 if marked.len() >= crate::MEMO_MAX {
                     marked.clear();
                 }
@@ -199,8 +205,11 @@ pub fn garbage_collect(store: &Store, grace: Duration) -> Result<GcReport> {
             }
         }
     }
-    // Chunks reported bad that are present again need no more checking.
-    r.bad_chunks_cleared = store.prune_bad_chunks()? as u64;
+    // Chunks reported bad that are intact again, or that no snapshot uses any
+    // more (listed before the marking and not met by it), need no more
+    // checking by backups.
+    let unused = |d: &[u8; 32]| listed_bad.contains(d) && !bad_used.contains(d);
+    r.bad_chunks_cleared = store.prune_bad_chunks(&unused)? as u64;
     Ok(r)
 }
 

@@ -308,11 +308,29 @@ impl Store {
     /// Read errors other than the file not existing.
     pub fn bad_chunks(&self) -> Result<std::collections::HashSet<[u8; 32]>> {
         let p = self.bad_list_path();
-        match std::fs::read_to_string(&p) {
-            Ok(s) => Ok(s.lines().filter_map(|l| parse_hex(l.trim())).collect()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Default::default()),
-            Err(e) => Err(Error::io("read", p, e)),
-        }
+        let mut f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(Error::io("open", p, e)),
+        };
+        // Shared against `prune_bad_chunks` rewriting the list in place.
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockShared)
+            .map_err(|e| Error::io("lock", &p, e.into()))?;
+        let mut s = String::new();
+        f.read_to_string(&mut s)
+            .map_err(|e| Error::io("read", &p, e))?;
+        Ok(s.lines().filter_map(|l| parse_hex(l.trim())).collect())
+    }
+
+    /// Whether chunk `d` is present and intact (decompresses to data whose
+    /// blake3 is its name).
+    #[must_use]
+    pub fn chunk_is_intact(&self, d: &[u8; 32]) -> bool {
+        let Ok(comp) = std::fs::read(self.chunk_path(d)) else {
+            return false;
+        };
+        // Larger than any chunk the chunker cuts (4 × the largest average).
+        decompress(&comp, 64 << 20).is_ok_and(|data| blake3::hash(&data).as_bytes() == d)
     }
 
     /// Append digests to [`Store::bad_list_path`] (synced).
@@ -342,14 +360,15 @@ impl Store {
             .map_err(|e| Error::io("write", &p, e))
     }
 
-    /// Drop from [`Store::bad_list_path`] the chunks that are present
-    /// again (a backup that read their data wrote them again); returns how
-    /// many were dropped. The list is rewritten in place under the same
-    /// lock [`Store::add_bad_chunks`] takes.
+    /// Drop from [`Store::bad_list_path`] the chunks that are intact again
+    /// (a backup that read their data wrote them again) and those `unused`
+    /// says no complete snapshot refers to any more; returns how many were
+    /// dropped. The list is rewritten in place under the lock
+    /// [`Store::add_bad_chunks`] and [`Store::bad_chunks`] take.
     ///
     /// # Errors
     /// I/O errors.
-    pub fn prune_bad_chunks(&self) -> Result<usize> {
+    pub fn prune_bad_chunks(&self, unused: &dyn Fn(&[u8; 32]) -> bool) -> Result<usize> {
         use std::io::{Seek, SeekFrom};
         let p = self.bad_list_path();
         let mut f = match std::fs::OpenOptions::new().read(true).write(true).open(&p) {
@@ -366,7 +385,7 @@ impl Store {
         let mut dropped = 0;
         for l in text.lines() {
             match parse_hex(l.trim()) {
-                Some(d) if self.chunk_path(&d).exists() => dropped += 1,
+                Some(d) if unused(&d) || self.chunk_is_intact(&d) => dropped += 1,
                 Some(_) => {
                     kept.push_str(l.trim());
                     kept.push('\n');
@@ -531,5 +550,33 @@ mod tests {
         std::fs::write(s.chunk_path(&d), other).unwrap();
         let e = s.read_chunk(&d, 5).unwrap_err().to_string();
         assert!(e.contains("does not match"), "{e}");
+    }
+
+    #[test]
+    fn bad_chunks_leave_the_list_when_intact_again_or_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let data = b"bad chunk".repeat(50);
+        let bad = *blake3::hash(&data).as_bytes();
+        let unused = [0x11; 32];
+        let missing = [0x22; 32];
+        s.add_bad_chunks(&[bad, unused, missing]).unwrap();
+        // Still damaged (say, verification has not moved it away yet): kept.
+        std::fs::create_dir_all(s.chunk_path(&bad).parent().unwrap()).unwrap();
+        std::fs::write(s.chunk_path(&bad), b"garbage").unwrap();
+        assert!(!s.chunk_is_intact(&bad));
+        assert_eq!(s.prune_bad_chunks(&|d| *d == unused).unwrap(), 1);
+        let left = s.bad_chunks().unwrap();
+        assert!(left.contains(&bad) && left.contains(&missing) && !left.contains(&unused));
+        // Written again by a backup: dropped.
+        std::fs::remove_file(s.chunk_path(&bad)).unwrap();
+        s.insert_chunk(&bad, &data, 3, "t").unwrap();
+        assert!(s.chunk_is_intact(&bad));
+        assert_eq!(s.prune_bad_chunks(&|_| false).unwrap(), 1);
+        assert_eq!(
+            s.bad_chunks().unwrap().into_iter().collect::<Vec<_>>(),
+            [missing]
+        );
+        assert_eq!(s.prune_bad_chunks(&|_| false).unwrap(), 0);
     }
 }
