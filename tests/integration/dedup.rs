@@ -922,10 +922,36 @@ fn vzdump_takes_over_trees_of_unchanged_volume_images() {
         "{files}"
     );
 
+    // Leaving the mount point out of the backup changes what the rootfs tree holds at
+    // /mnt/data (the rootfs's own directory): walked, though the rootfs image is unchanged.
+    let conf = tr.read("/etc/pve/lxc/100.conf");
+    let mp0 = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("mp0: "))
+        .unwrap_or_else(|| panic!("{conf}"))
+        .to_string();
+    assert!(mp0.contains("backup=1"), "{mp0}");
+    tr.ok(
+        "pct",
+        &["set", "100", "--mp0", &mp0.replace("backup=1", "backup=0")],
+    );
+    let (files, taken) = backup();
+    assert!(taken.is_empty(), "{taken:?}");
+    assert!(
+        files.contains("INFO: files: 30 (0 read, 30 unchanged"),
+        "{files}"
+    );
+    tr.ok("pct", &["set", "100", "--mp0", &mp0]);
+    let (files, taken) = backup();
+    assert!(taken.is_empty(), "{taken:?}");
+    assert!(files.contains("(20 read, 30 unchanged"), "{files}");
+    let (_, taken) = backup();
+    assert_eq!(taken.len(), 2, "{taken:?}");
+
     // The snapshot made of taken-over trees restores the current state exactly.
     let rows = snapshot_rows(&tr);
-    assert_eq!(rows.len(), 4, "{rows:?}");
-    let volid = rows[3]["volid"].as_str().unwrap();
+    assert_eq!(rows.len(), 7, "{rows:?}");
+    let volid = rows[6]["volid"].as_str().unwrap();
     tr.ok("pct", &["restore", "101", volid, "--storage", "local"]);
     let sk = mp_skips();
     tr.with_mounted(&["100", "101"], || {

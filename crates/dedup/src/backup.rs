@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vzkit_archive::header::{self, MemberHeader};
-use vzkit_archive::prefetch::Prefetcher;
+use vzkit_archive::prefetch::{Prefetcher, StopOnDrop};
 use vzkit_archive::writer::trailer;
 use vzkit_archive::{
     ArchiveError, ExcludeSet, FileData, IdMap, MemberKind, StatKey, TreeSink, Walker,
@@ -375,9 +375,10 @@ fn tree_fingerprint(
     excludes: &ExcludeSet,
     one_file_system: bool,
     id_map: Option<&IdMap>,
+    context: &str,
 ) -> String {
     let text = format!(
-        "{prefix}\0{excludes:?}\0{one_file_system}\0{}",
+        "{prefix}\0{excludes:?}\0{one_file_system}\0{}\0{context}",
         snapshot::id_map_name(id_map)
     );
     blake3::hash(text.as_bytes()).to_hex().to_string()
@@ -1075,18 +1076,22 @@ impl Backup {
         excludes: &ExcludeSet,
         one_file_system: bool,
     ) -> Result<vzkit_archive::Stats> {
-        self.add_volume_tree(src, member_prefix, excludes, one_file_system, None)
+        self.add_volume_tree(src, member_prefix, excludes, one_file_system, None, "")
             .map(|(st, _)| st)
     }
 
     /// As [`Backup::add_tree`], for a tree mounted from the volume image
-    /// whose key is `volume` ([`VolumeKey::of_image`], taken with the
-    /// volume mounted read-only). If the base snapshot recorded the same
-    /// tree (prefix, excludes, one-file-system rule, id map) with the same
-    /// key, the tree is not walked: its records are taken over whole. The
-    /// key is recorded for the next backup unless it changed within 1 s
-    /// before this backup started. Returns the walk's statistics (empty
-    /// for a tree taken over) and whether the tree was taken over.
+    /// whose key is `volume` ([`VolumeKey::of_image`], taken before the
+    /// volume was mounted read-only). `context` describes everything else
+    /// the walk's result depends on — for a container, every source tree
+    /// with its volume key, since a tree's walk stops at the mount points
+    /// nested in it and records their roots. If the base snapshot recorded
+    /// the same tree (prefix, excludes, one-file-system rule, id map,
+    /// context) with the same key, the tree is not walked: its records are
+    /// taken over whole. The key is recorded for the next backup unless it
+    /// changed within 1 s before this backup started, or
+    /// [`Backup::forget_volumes`] is called. Returns the walk's statistics
+    /// (empty for a tree taken over) and whether the tree was taken over.
     ///
     /// # Errors
     /// Walk errors, store errors.
@@ -1097,6 +1102,7 @@ impl Backup {
         excludes: &ExcludeSet,
         one_file_system: bool,
         volume: Option<VolumeKey>,
+        context: &str,
     ) -> Result<(vzkit_archive::Stats, bool)> {
         let tree = self.state.tree;
         let source = TreeSource {
@@ -1106,6 +1112,7 @@ impl Backup {
                 excludes,
                 one_file_system,
                 self.state.opts.id_map.as_ref(),
+                context,
             ),
             volume: volume.filter(|v| {
                 let racy = self.state.start_ns - RACY_NS;
@@ -1121,7 +1128,7 @@ impl Backup {
             && self.state.prev.as_ref().is_some_and(|p| {
                 p.suspect
                     .iter()
-                    .all(|d| self.state.store.chunk_path(d).exists())
+                    .all(|d| self.state.store.chunk_is_intact(d))
             });
         self.state.trees.push(source);
         if reuse {
@@ -1159,9 +1166,8 @@ impl Backup {
                         .with_filter(&mut want)
                         .run_tree(src, member_prefix);
                 });
-            let r = walker.walk(src, member_prefix, excludes, one_file_system, state);
-            done.store(true, Ordering::Relaxed);
-            r
+            let _stop = StopOnDrop(&done);
+            walker.walk(src, member_prefix, excludes, one_file_system, state)
         })?;
         self.state.tree += 1;
         self.state.stats.bytes_read += st.bytes_read;
@@ -1169,6 +1175,14 @@ impl Backup {
             self.state.stats.warnings.push(w.clone());
         }
         Ok((st, false))
+    }
+
+    /// Record no volume key for the next backup (a volume image changed
+    /// while this backup read it: the next backup walks every tree).
+    pub fn forget_volumes(&mut self) {
+        for t in &mut self.state.trees {
+            t.volume = None;
+        }
     }
 
     /// Wait for all chunks, write the catalog, config and manifest, sync
@@ -1459,7 +1473,9 @@ mod tests {
             o.time = Some(time);
             let mut b = Backup::start(&store, o).unwrap();
             b.state.start_ns = start_ns;
-            let (_, whole) = b.add_volume_tree(&src, "./", excludes, true, key).unwrap();
+            let (_, whole) = b
+                .add_volume_tree(&src, "./", excludes, true, key, "")
+                .unwrap();
             let r = b.finish().unwrap();
             assert_eq!(r.stats.trees_reused, u64::from(whole));
             r
@@ -1521,6 +1537,25 @@ mod tests {
         store.add_bad_chunks(&[present]).unwrap();
         let r = backup(1_700_000_120, None, &none, Some(fresh), old);
         assert_eq!(r.stats.trees_reused, 1, "{:?}", r.stats);
+
+        // Another context (say, a mount point nested in the tree): walked; then taken
+        // over, unless the backup forgets its volume keys.
+        let with_context = |time: i64, forget: bool| {
+            let mut b = Backup::start(&store, small_opts(time)).unwrap();
+            b.state.start_ns = old;
+            let (_, whole) = b
+                .add_volume_tree(&src, "./", &none, true, Some(fresh), "./mnt/x=key")
+                .unwrap();
+            if forget {
+                b.forget_volumes();
+            }
+            b.finish().unwrap();
+            whole
+        };
+        assert!(!with_context(1_700_000_130, false));
+        assert!(with_context(1_700_000_140, true));
+        assert!(!with_context(1_700_000_150, false));
+        assert!(with_context(1_700_000_160, false));
     }
 
     #[test]

@@ -66,9 +66,12 @@
 //! A tree mounted from a volume image file ([`Backup::add_volume_tree`]:
 //! vzdump's stop mode, for raw images on `dir` and `btrfs` storages) is not
 //! walked at all if the base snapshot recorded the same tree — member
-//! prefix, excludes, one-file-system rule and id map, as a blake3
-//! fingerprint — with the same image key: device, inode number, size,
-//! mtime and ctime (ns) of the image file. Its records are then copied
+//! prefix, excludes, one-file-system rule, id map and the caller's context
+//! (vzdump: every source tree with its image key, since a walk stops at
+//! nested mount points and records their roots), as a blake3 fingerprint —
+//! with the same image key: device, inode number, size, mtime and ctime
+//! (ns) of the image file. vzdump takes the keys before mounting the
+//! volumes and again after the walk, and records none if one changed. Its records are then copied
 //! from the base. Why this is safe: every write to the image — through a
 //! loop device (buffered or direct I/O), `write`, `mmap` — updates its
 //! ctime, which cannot be set back; a writable mount of the file system
@@ -97,8 +100,8 @@
 //! collection marks its chunks (the argument is in [`gc`]). Chunks that
 //! verification found damaged or missing (listed in `.bad-chunks`) are
 //! checked first; a file using a missing one is read, and the chunk is
-//! written again. Garbage collection drops chunks present again from that
-//! list.
+//! written again. Garbage collection drops chunks that are intact again or
+//! no longer used by any snapshot from that list.
 
 //! # Chunking
 //!

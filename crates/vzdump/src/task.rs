@@ -932,27 +932,46 @@ async fn archive(
     Ok(out)
 }
 
-/// For each archive source of a stop-mode backup mounted from a volume image file, the
-/// image's identity ([`vzkit_dedup::VolumeKey`]); `None` for other volumes.
-async fn volume_keys(
+/// The member prefix and image key ([`vzkit_dedup::VolumeKey`]) of each of `disks` that is a
+/// volume image file; `None` for other volumes.
+async fn disk_keys(
     storages: &Storages,
     disks: &[crate::plan::Disk],
-    sources: &[ArchiveSource],
-) -> Vec<Option<vzkit_dedup::VolumeKey>> {
+) -> Vec<(String, Option<vzkit_dedup::VolumeKey>)> {
     let mut out = Vec::new();
-    for s in sources {
+    for d in disks {
         let mut key = None;
-        if let Some(d) = disks.iter().find(|d| d.member_prefix() == s.prefix)
-            && d.mp.kind() == vzkit_runtime::conf::MountPointKind::Volume
+        if d.mp.kind() == vzkit_runtime::conf::MountPointKind::Volume
             && let Ok((plugin, volname)) = storages.resolve(&d.mp.volume)
             && let Ok(vzkit_storage::plugin::VolumeAccess::ImageFile(path)) =
                 plugin.access(&volname, None).await
         {
             key = vzkit_dedup::VolumeKey::of_image(&path);
         }
-        out.push(key);
+        out.push((d.member_prefix(), key));
     }
     out
+}
+
+/// The image key of each archive source, from [`disk_keys`]; all `None` unless every source
+/// has one (a tree is only taken over together with the trees nested in it).
+fn source_keys(
+    keys: &[(String, Option<vzkit_dedup::VolumeKey>)],
+    sources: &[ArchiveSource],
+) -> Vec<Option<vzkit_dedup::VolumeKey>> {
+    let out: Vec<Option<vzkit_dedup::VolumeKey>> = sources
+        .iter()
+        .map(|s| {
+            keys.iter()
+                .find(|(p, _)| *p == s.prefix)
+                .and_then(|(_, k)| *k)
+        })
+        .collect();
+    if out.iter().all(Option::is_some) {
+        out
+    } else {
+        vec![None; sources.len()]
+    }
 }
 
 /// The archive step for a `dedup` storage: the same sources, excludes and id map as the tar
@@ -965,6 +984,13 @@ async fn archive_dedup(
     store_path: PathBuf,
 ) -> Result<vzkit_dedup::BackupResult> {
     let log = &ctx.log;
+    // Volume image keys are taken before the volumes are mounted, and again after the walk.
+    let stop = t.mode == Mode::Stop;
+    let keys_before = if stop {
+        disk_keys(&ctx.storages, &t.plan.disks).await
+    } else {
+        Vec::new()
+    };
     let job = archive_job(ctx, t, config, firewall).await?;
     let mode = match (
         ctx.opts.change_detection.as_deref(),
@@ -981,18 +1007,24 @@ async fn archive_dedup(
             "metadata"
         }
     ));
-    let volumes = if t.mode == Mode::Stop {
-        volume_keys(&ctx.storages, &t.plan.disks, &job.sources).await
-    } else {
-        vec![None; job.sources.len()]
-    };
+    let sources = job.sources.clone();
+    let volumes = source_keys(&keys_before, &sources);
+    // A tree's walk stops at the mount points nested in it and records their roots: every
+    // tree is taken over only together with all of them.
+    let layout: Vec<String> = sources
+        .iter()
+        .zip(&volumes)
+        .map(|(s, k)| format!("{}={k:?}", s.prefix))
+        .collect();
+    let layout = layout.join("\n");
+    let keys = volumes.clone();
     let vmid = t.vmid;
     let cancel = Arc::clone(&ctx.cancel);
     let cancelled = Arc::clone(&ctx.cancel);
     // KiB/s, as for the tar stream; here the file data read is paced.
     let bwlimit = u64::try_from(ctx.opts.bwlimit.unwrap_or(0)).unwrap_or(0) * 1024;
     let res = tokio::task::spawn_blocking(
-        move || -> vzkit_dedup::Result<(vzkit_dedup::BackupResult, Vec<String>)> {
+        move || -> vzkit_dedup::Result<(vzkit_dedup::Backup, Vec<String>)> {
             let store = vzkit_dedup::Store::open(&store_path)?;
             let mut o = vzkit_dedup::BackupOptions::new(vmid);
             o.change_detection = mode;
@@ -1013,27 +1045,39 @@ async fn archive_dedup(
                 job.config_mtime,
             )?;
             let mut reused = Vec::new();
-            for (s, v) in job.sources.iter().zip(volumes) {
+            for (s, v) in job.sources.iter().zip(keys) {
                 if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                     return Err(vzkit_dedup::Error::Invalid("interrupted by signal".into()));
                 }
-                let (_, whole) = b.add_volume_tree(&s.dir, &s.prefix, &job.excludes, true, v)?;
+                let (_, whole) =
+                    b.add_volume_tree(&s.dir, &s.prefix, &job.excludes, true, v, &layout)?;
                 if whole {
                     reused.push(s.prefix.clone());
                 }
             }
-            b.finish().map(|r| (r, reused))
+            Ok((b, reused))
         },
     )
     .await
     .map_err(|e| Error::msg(format!("archive task failed - {e}")))?;
-    let (r, reused) = res.map_err(|e| {
+    let failed = |e: vzkit_dedup::Error| {
         if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
             Error::Interrupted
         } else {
             Error::msg(format!("dedup backup failed - {e}"))
         }
-    })?;
+    };
+    let (mut b, reused) = res.map_err(failed)?;
+    if volumes.iter().any(Option::is_some)
+        && source_keys(&disk_keys(&ctx.storages, &t.plan.disks).await, &sources) != volumes
+    {
+        log.info("a volume image changed during the backup: the next backup walks every tree");
+        b.forget_volumes();
+    }
+    let r = tokio::task::spawn_blocking(move || b.finish())
+        .await
+        .map_err(|e| Error::msg(format!("archive task failed - {e}")))?
+        .map_err(failed)?;
     for p in reused {
         log.info(format!(
             "volume image of '{p}' unchanged since the last backup: its tree was taken over without walking it"
