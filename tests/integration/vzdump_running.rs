@@ -141,6 +141,24 @@ fn extract(archive: &Path, dest: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Container `vmid` runs with the same init as before the backup and is not locked.
+fn assert_kept_running(
+    r: &TestRoot,
+    rt: &tokio::runtime::Runtime,
+    lxc: &Lxc<'_>,
+    vmid: u32,
+    pid_before: u32,
+) {
+    rt.block_on(async {
+        assert_running_and_alive(lxc, vmid).await;
+        assert_eq!(lxc.init_pid(vmid).await.unwrap().unwrap(), pid_before);
+    });
+    assert!(
+        !r.read(&format!("/etc/pve/lxc/{vmid}.conf"))
+            .contains("lock:")
+    );
+}
+
 /// Start container `vmid`, write `/root/live.txt` in it and start its ticker; its init PID.
 fn start_live(rt: &tokio::runtime::Runtime, lxc: &Lxc<'_>, vmid: u32) -> u32 {
     rt.block_on(async {
@@ -674,11 +692,7 @@ fn snapshot_mode_on_dir_falls_back_to_suspend_and_thaws_the_container() {
         &rec,
         &["creating vzdump archive", "Finished Backup of VM 953"],
     );
-    rt.block_on(async {
-        assert_running_and_alive(&lxc, 953).await;
-        assert_eq!(lxc.init_pid(953).await.unwrap().unwrap(), pid_before);
-    });
-    assert!(!r.read("/etc/pve/lxc/953.conf").contains("lock:"));
+    assert_kept_running(&r, &rt, &lxc, 953, pid_before);
     let x = r.join("/x");
     let names = extract(&the_archive(&dump), &x);
     assert_eq!(names[0], "./etc/vzdump/pct.conf");
@@ -762,11 +776,7 @@ fn snapshot_mode_on_dir_falls_back_to_suspend_and_thaws_the_container() {
         hook_log.contains("backup-abort state=RUNNING\n"),
         "{hook_log}"
     );
-    rt.block_on(async {
-        assert_running_and_alive(&lxc, 953).await;
-        assert_eq!(lxc.init_pid(953).await.unwrap().unwrap(), pid_before);
-    });
-    assert!(!r.read("/etc/pve/lxc/953.conf").contains("lock:"));
+    assert_kept_running(&r, &rt, &lxc, 953, pid_before);
     rt.block_on(lxc.stop(953, &mut warn)).unwrap();
 }
 
@@ -1313,11 +1323,7 @@ fn suspend_mode_into_dedup_storage_keeps_the_container_running_and_restores_exac
         &hook_log,
         &["post-restart state=RUNNING", "backup-end state=RUNNING"],
     );
-    rt.block_on(async {
-        assert_running_and_alive(&lxc, 963).await;
-        assert_eq!(lxc.init_pid(963).await.unwrap().unwrap(), pid_before);
-    });
-    assert!(!r.read("/etc/pve/lxc/963.conf").contains("lock:"));
+    assert_kept_running(&r, &rt, &lxc, 963, pid_before);
     // The rsync copy (below the storage's dump directory) is gone.
     let dumpdir = r.join("/srv/dedup/dump");
     let left: Vec<_> = std::fs::read_dir(&dumpdir)
@@ -1479,11 +1485,7 @@ fn unprivileged_container_into_dedup_storage_keeps_container_ids_and_reuses_file
     );
     online_after(&log);
     let suspended = backup_volume(&log);
-    rt.block_on(async {
-        assert_running_and_alive(&lxc, 968).await;
-        assert_eq!(lxc.init_pid(968).await.unwrap().unwrap(), pid_before);
-    });
-    assert!(!r.read("/etc/pve/lxc/968.conf").contains("lock:"));
+    assert_kept_running(&r, &rt, &lxc, 968, pid_before);
     // Owners as the container sees them, not the host's shifted ids.
     let files = r.ok("vzkit-store", &["files", &suspended]);
     let live = files
