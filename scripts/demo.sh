@@ -12,7 +12,7 @@ bash scripts/setup.sh
 if [ -z "${VZKIT_BIN:-}" ]; then
     cargo build --release --locked --workspace
 fi
-B=${VZKIT_BIN:-$PWD/target/release}
+B=${VZKIT_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release}
 export VZKIT_ROOT=${VZKIT_ROOT:-$PWD/demo-root}
 
 cleanup() {
