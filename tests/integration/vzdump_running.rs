@@ -1513,7 +1513,9 @@ fn unprivileged_container_into_dedup_storage_keeps_container_ids_and_reuses_file
     assert!(!listing.contains("100000/"), "{listing}");
 
     // 2. Stopped: a stop-mode backup, then an incremental one of the unchanged container.
+    // Snapshots are named by the second they start in: one per second and container.
     rt.block_on(lxc.stop(968, &mut warn)).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
     let (ok, log) = vzdump(&r, &["968", "--mode", "stop", "--storage", "backups"]);
     assert!(ok, "{log}");
     assert!(log.contains("status = stopped\n"), "{log}");
