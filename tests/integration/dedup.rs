@@ -666,26 +666,7 @@ fn snapshot_rows(tr: &vzkit_tests::TestRoot) -> Vec<Value> {
 #[ignore = "needs root: loop devices, ext4 images, mounts, chown"]
 fn vzdump_to_dedup_storage_and_pct_restore() {
     let tr = vzdump_host("\tprune-backups keep-last=5\n");
-    tr.ok(
-        "pct",
-        &[
-            "set",
-            "100",
-            "--rootfs",
-            "local:0.25",
-            "--mp0",
-            "local:0.125,mp=/mnt/data,backup=1",
-        ],
-    );
-    tr.ok("pct", &["mount", "100"]);
-    let src = tr.join("/var/lib/lxc/100/rootfs");
-    common::build_fixture(&src);
-    for f in ["null", "blk", "owned-big-id"] {
-        fs::remove_file(src.join(f)).unwrap();
-    }
-    fs::create_dir_all(src.join("mnt/data/sub")).unwrap();
-    fs::write(src.join("mnt/data/sub/file"), noise(70_000, 9)).unwrap();
-    tr.ok("pct", &["unmount", "100"]);
+    let src = crate::restore::fixture_ct_100(&tr, |_| {});
     settle();
 
     let both = |args: &[&str]| {

@@ -318,18 +318,11 @@ fn conf_of(tr: &TestRoot, vmid: u32) -> String {
     tr.read(&format!("/etc/pve/lxc/{vmid}.conf"))
 }
 
-/// Archives written by vzkit's own `vzdump`, in every compression, restored with `pct restore`
-/// privileged and unprivileged (ids shifted by 100000), compare entry by entry with the
-/// backed-up container's tree (rootfs plus the `backup=1` mount point).
-#[test]
-#[ignore = "needs root: loop devices, ext4 images, mounts, chown, mknod"]
-fn restore_matrix_vzkit_archives() {
-    assert!(is_root(), "{ROOT}");
-    let tr = TestRoot::new();
-    tr.write(
-        "/etc/pve/lxc/100.conf",
-        "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
-    );
+/// Give container 100 (its config written) a 256 MiB rootfs and a 128 MiB `backup=1` mount
+/// point at /mnt/data on `local`, holding the common fixture (without device nodes and ids
+/// beyond an unprivileged map) and a file in the mount point; `extra` runs on the mounted
+/// tree before it is unmounted. The rootfs path (valid while mounted).
+pub(crate) fn fixture_ct_100(tr: &TestRoot, extra: impl FnOnce(&Path)) -> PathBuf {
     tr.ok(
         "pct",
         &[
@@ -351,8 +344,26 @@ fn restore_matrix_vzkit_archives() {
     }
     std::fs::create_dir_all(src.join("mnt/data/sub")).unwrap();
     std::fs::write(src.join("mnt/data/sub/file"), common::noise(70_000, 9)).unwrap();
-    std::os::unix::fs::chown(src.join("mnt/data/sub"), Some(33), Some(33)).unwrap();
+    extra(&src);
     tr.ok("pct", &["unmount", "100"]);
+    src
+}
+
+/// Archives written by vzkit's own `vzdump`, in every compression, restored with `pct restore`
+/// privileged and unprivileged (ids shifted by 100000), compare entry by entry with the
+/// backed-up container's tree (rootfs plus the `backup=1` mount point).
+#[test]
+#[ignore = "needs root: loop devices, ext4 images, mounts, chown, mknod"]
+fn restore_matrix_vzkit_archives() {
+    assert!(is_root(), "{ROOT}");
+    let tr = TestRoot::new();
+    tr.write(
+        "/etc/pve/lxc/100.conf",
+        "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
+    );
+    let src = fixture_ct_100(&tr, |src| {
+        std::os::unix::fs::chown(src.join("mnt/data/sub"), Some(33), Some(33)).unwrap();
+    });
     for compress in ["0", "lzo", "gzip", "zstd"] {
         tr.ok(
             "vzdump",
