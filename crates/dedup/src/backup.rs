@@ -387,25 +387,26 @@ fn tree_fingerprint(
 /// How far (allocated bytes) the read-ahead thread may run ahead of the reads.
 const PREFETCH_WINDOW: u64 = 64 << 20;
 
-/// The reuse rule on the stat keys (see the crate docs); the caller checks
-/// that the earlier entry is a regular file that was not racy.
-fn same_key(pk: &StatKey, key: &StatKey) -> bool {
-    pk.ino == key.ino
-        && pk.size == key.size
-        && pk.mtime_ns == key.mtime_ns
-        && pk.ctime_ns == key.ctime_ns
-        && pk.mode == key.mode
-        && pk.uid == key.uid
-        && pk.gid == key.gid
+/// The reuse rule (see the crate docs): the earlier entry `p` is a regular
+/// file that was not racy, with the same stat key.
+fn unchanged(p: &Member, key: &StatKey) -> bool {
+    p.kind == MemberKind::Regular
+        && !p.racy
+        && p.key.is_some_and(|pk| {
+            pk.ino == key.ino
+                && pk.size == key.size
+                && pk.mtime_ns == key.mtime_ns
+                && pk.ctime_ns == key.ctime_ns
+                && pk.mode == key.mode
+                && pk.uid == key.uid
+                && pk.gid == key.gid
+        })
 }
 
 /// Whether the walk will read file `member` of `tree` with this key: false
 /// if the base shows it unchanged (read-ahead skips such files).
 fn will_read(base: &mut PrevCursor, tree: u32, member: &[u8], key: &StatKey) -> bool {
-    !matches!(base.lookup(tree, member), Ok(Some(p))
-        if p.kind == MemberKind::Regular
-            && !p.racy
-            && p.key.is_some_and(|pk| same_key(&pk, key)))
+    !matches!(base.lookup(tree, member), Ok(Some(p)) if unchanged(&p, key))
 }
 
 /// Paces reads to a rate: sleeps until the time the bytes so far are due.
@@ -522,10 +523,16 @@ impl State {
         }
     }
 
-    /// Write a complete record, after the queued ones.
-    fn emit(&mut self, m: Member) -> Result<()> {
+    /// Count a record of the snapshot and its share of the tar stream.
+    fn count(&mut self, m: &Member) -> Result<()> {
         self.stats.members += 1;
         self.stats.logical_size += m.stream_len()?;
+        Ok(())
+    }
+
+    /// Write a complete record, after the queued ones.
+    fn emit(&mut self, m: Member) -> Result<()> {
+        self.count(&m)?;
         if self.queue.members.is_empty() {
             self.catalog.push(&m)
         } else {
@@ -536,14 +543,20 @@ impl State {
 
     /// Write the complete records at the head of the queue.
     fn drain_queue(&mut self) -> Result<()> {
+        self.write_done()?;
+        if self.queue.members.len() >= self.queue_max {
+            self.cut_pack()?;
+        }
+        Ok(())
+    }
+
+    /// Write the queued records up to the first incomplete one.
+    fn write_done(&mut self) -> Result<()> {
         while self.queue.members.front().is_some_and(|(_, done)| *done) {
             if let Some((m, _)) = self.queue.members.pop_front() {
                 self.catalog.push(&m)?;
                 self.queue.base += 1;
             }
-        }
-        if self.queue.members.len() >= self.queue_max {
-            self.cut_pack()?;
         }
         Ok(())
     }
@@ -587,8 +600,7 @@ impl State {
             let (seq, start, end) = (sp.seq, sp.start.max(cs), sp.end);
             let stop = end.map_or(ce, |e| e.min(ce));
             if stop > start {
-                let i = usize::try_from(seq - self.queue.base).unwrap_or(usize::MAX);
-                let Some((m, _)) = self.queue.members.get_mut(i) else {
+                let Some((m, _)) = self.queued(seq) else {
                     return Err(Error::Invalid("pack stream out of order".into()));
                 };
                 m.chunks.push(ChunkRef {
@@ -609,9 +621,14 @@ impl State {
         Ok(())
     }
 
+    /// The queued record with sequence number `seq`.
+    fn queued(&mut self, seq: u64) -> Option<&mut (Member, bool)> {
+        let i = usize::try_from(seq.checked_sub(self.queue.base)?).ok()?;
+        self.queue.members.get_mut(i)
+    }
+
     fn complete(&mut self, seq: u64) {
-        let i = usize::try_from(seq - self.queue.base).unwrap_or(usize::MAX);
-        if let Some((_, done)) = self.queue.members.get_mut(i) {
+        if let Some((_, done)) = self.queued(seq) {
             *done = true;
         }
     }
@@ -626,22 +643,13 @@ impl State {
         if self.pack.spans.iter().any(|s| s.end.is_some()) {
             return Err(Error::Invalid("pack stream left a file unfinished".into()));
         }
-        while let Some((m, done)) = self.queue.members.front() {
-            if !*done {
-                break;
-            }
-            self.catalog.push(m)?;
-            self.queue.members.pop_front();
-            self.queue.base += 1;
-        }
-        Ok(())
+        self.write_done()
     }
 
     /// Read a small file into the pack stream; its record waits in the
     /// queue until its last byte is in a cut chunk.
     fn pack_file(&mut self, m: Member, data: &mut FileData<'_>) -> Result<()> {
-        self.stats.members += 1;
-        self.stats.logical_size += m.stream_len()?;
+        self.count(&m)?;
         let seq = self.queue.base + self.queue.members.len() as u64;
         self.queue.members.push_back((m, false));
         self.pack.spans.push_back(Span {
@@ -698,10 +706,7 @@ impl State {
         let Some(p) = prev.find(tree, h.name)? else {
             return Ok(None);
         };
-        let Some(pk) = p.key else { return Ok(None) };
-        let same = p.kind == MemberKind::Regular
-            && !p.racy
-            && same_key(&pk, key)
+        let same = unchanged(&p, key)
             && p.size == h.size
             && p.sparse.as_ref().map(|(s, r)| (*s, r.as_slice())) == h.sparse;
         if !same {
@@ -734,9 +739,7 @@ impl State {
         let Some(p) = prev.find(tree, member)? else {
             return Ok(None);
         };
-        let same = p.kind == MemberKind::Regular
-            && !p.racy
-            && p.key.is_some_and(|pk| same_key(&pk, key))
+        let same = unchanged(&p, key)
             // A file written sparse has fewer blocks than its size.
             && (p.sparse.is_none() || may_be_sparse);
         if !same || !self.keep_chunks(&p.chunks)? {
