@@ -832,7 +832,8 @@ fn vzdump_to_dedup_storage_honours_bwlimit_and_signals() {
 /// A stopped container whose volume images did not change since its last backup: the next
 /// `vzdump --storage <dedup>` takes its trees over from that backup without walking them.
 /// Mounting a volume writable (here to change one file) changes its image, so the backup
-/// after that walks again, reads only the changed file, and the restore holds the change.
+/// after that walks again — only the directories the volumes' inode tables show changed —
+/// reads only the changed file, and the restore holds the change.
 #[test]
 #[ignore = "needs root: loop devices, ext4 images, mounts"]
 fn vzdump_takes_over_trees_of_unchanged_volume_images() {
@@ -866,15 +867,20 @@ fn vzdump_takes_over_trees_of_unchanged_volume_images() {
             .to_string();
         let taken: Vec<String> = log
             .lines()
-            .filter(|l| l.contains("unchanged since the last backup"))
+            .filter(|l| l.contains("unchanged since the last backup: its tree"))
             .map(String::from)
             .collect();
-        (files, taken)
+        let dirs = log
+            .lines()
+            .find(|l| l.contains("unchanged since the last backup by the volume's inode table"))
+            .map(String::from);
+        (files, taken, dirs)
     };
-    let (files, taken) = backup();
+    let (files, taken, dirs) = backup();
     assert!(taken.is_empty(), "{taken:?}");
+    assert_eq!(dirs, None);
     assert!(files.contains("(50 read, 0 unchanged"), "{files}");
-    let (files, taken) = backup();
+    let (files, taken, _) = backup();
     assert_eq!(taken.len(), 2, "{taken:?}");
     assert!(
         taken[0].contains("'./'") && taken[1].contains("'./mnt/data'"),
@@ -885,18 +891,27 @@ fn vzdump_takes_over_trees_of_unchanged_volume_images() {
         "{files}"
     );
 
-    // A writable mount changes both images: walked again, one file read.
+    // A writable mount changes both images: walked again, one file read. Only the
+    // directories with changed inodes in or below them are walked: the roots, /mnt (it
+    // holds the mount point) and /mnt/data/d3. Taken over: etc, d0..d9 and lost+found of
+    // the rootfs (12) and of the mount point but d3 (11), with the files in them (30 and
+    // 18), and the unchanged file of d3 (its listing shows the same inode).
     tr.with_mounted(&["100"], || {
         fs::write(src.join("mnt/data/d3/f3"), b"changed\n").unwrap();
     });
     settle();
-    let (files, taken) = backup();
+    let (files, taken, dirs) = backup();
     assert!(taken.is_empty(), "{taken:?}");
+    let dirs = dirs.unwrap_or_else(|| panic!("no directory taken over: {files}"));
+    assert!(
+        dirs.contains("INFO: 23 directories and 72 entries in all unchanged"),
+        "{dirs}"
+    );
     assert!(
         files.contains("(1 read, 49 unchanged and reused)"),
         "{files}"
     );
-    let (files, taken) = backup();
+    let (files, taken, _) = backup();
     assert_eq!(taken.len(), 2, "{taken:?}");
     assert!(
         files.contains("(0 read, 50 unchanged and reused)"),
@@ -916,17 +931,19 @@ fn vzdump_takes_over_trees_of_unchanged_volume_images() {
         "pct",
         &["set", "100", "--mp0", &mp0.replace("backup=1", "backup=0")],
     );
-    let (files, taken) = backup();
+    let (files, taken, dirs) = backup();
     assert!(taken.is_empty(), "{taken:?}");
+    assert_eq!(dirs, None, "another layout: walked whole");
     assert!(
         files.contains("INFO: files: 30 (0 read, 30 unchanged"),
         "{files}"
     );
     tr.ok("pct", &["set", "100", "--mp0", &mp0]);
-    let (files, taken) = backup();
+    let (files, taken, dirs) = backup();
     assert!(taken.is_empty(), "{taken:?}");
+    assert_eq!(dirs, None, "another layout: walked whole");
     assert!(files.contains("(20 read, 30 unchanged"), "{files}");
-    let (_, taken) = backup();
+    let (_, taken, _) = backup();
     assert_eq!(taken.len(), 2, "{taken:?}");
 
     // The snapshot made of taken-over trees restores the current state exactly.

@@ -25,6 +25,12 @@ const PIECE: u64 = 4 << 20;
 /// will be read and so should be read ahead.
 pub type WantData<'a> = dyn FnMut(&[u8], &rustix::fs::Stat) -> bool + 'a;
 
+/// Decides per entry (member name, inode number from the directory
+/// listing), before it is `lstat`ed, whether the reader will skip it (a
+/// reader that takes it, and for a directory its contents, from elsewhere:
+/// [`crate::TreeSink::unstatted`]).
+pub type SkipEntry<'a> = dyn FnMut(&[u8], u64) -> bool + 'a;
+
 /// Sets a prefetcher's stop flag when dropped: the reader holds one while
 /// it reads, so that the prefetcher ends also when the reader fails or
 /// panics (instead of waiting for room forever).
@@ -45,6 +51,7 @@ pub struct Prefetcher<'a> {
     window: u64,
     advised: u64,
     want: Option<&'a mut WantData<'a>>,
+    skip: Option<&'a mut SkipEntry<'a>>,
 }
 
 impl std::fmt::Debug for Prefetcher<'_> {
@@ -75,6 +82,7 @@ impl<'a> Prefetcher<'a> {
             window,
             advised: consumed.load(Ordering::Relaxed),
             want: None,
+            skip: None,
         }
     }
 
@@ -83,6 +91,14 @@ impl<'a> Prefetcher<'a> {
     #[must_use]
     pub fn with_filter(mut self, want: &'a mut WantData<'a>) -> Self {
         self.want = Some(want);
+        self
+    }
+
+    /// Leave out (neither `stat` nor enter) the entries for which `skip`
+    /// is true.
+    #[must_use]
+    pub fn with_skip(mut self, skip: &'a mut SkipEntry<'a>) -> Self {
+        self.skip = Some(skip);
         self
     }
 
@@ -126,12 +142,12 @@ impl<'a> Prefetcher<'a> {
             while let Some(Ok(ent)) = d.read() {
                 let n = ent.file_name().to_bytes();
                 if n != b"." && n != b".." {
-                    names.push(n.to_vec());
+                    names.push((n.to_vec(), ent.ino()));
                 }
             }
         }
         names.sort();
-        for name in names {
+        for (name, ino) in names {
             if self.stop.load(Ordering::Relaxed) {
                 return false;
             }
@@ -139,6 +155,11 @@ impl<'a> Prefetcher<'a> {
             m.push(b'/');
             m.extend_from_slice(&name);
             if self.excludes.is_excluded(&m) {
+                continue;
+            }
+            if let Some(skip) = self.skip.as_mut()
+                && skip(&m, ino)
+            {
                 continue;
             }
             let Ok(st) = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) else {
@@ -208,13 +229,15 @@ impl<'a> Prefetcher<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn visits_files_in_walk_order_and_skips_excluded_ones() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         std::fs::create_dir_all(root.join("b/c")).unwrap();
-        for f in ["a", "b/c/d", "b/e", "skip", "z"] {
+        std::fs::create_dir_all(root.join("y/x")).unwrap();
+        for f in ["a", "b/c/d", "b/e", "skip", "y/x/w", "z"] {
             std::fs::write(root.join(f), b"data").unwrap();
         }
         std::fs::write(root.join("empty"), b"").unwrap();
@@ -230,14 +253,27 @@ mod tests {
             ));
             m != b"./b/e"
         };
+        let y_ino = std::fs::symlink_metadata(root.join("y")).unwrap().ino();
+        let mut skipped = Vec::new();
+        let mut skip = |m: &[u8], ino: u64| {
+            let s = m == b"./y";
+            if s {
+                skipped.push(ino);
+            }
+            s
+        };
         let advised = {
-            let mut p = Prefetcher::new(&ex, &consumed, &stop, 1 << 30).with_filter(&mut want);
+            let mut p = Prefetcher::new(&ex, &consumed, &stop, 1 << 30)
+                .with_filter(&mut want)
+                .with_skip(&mut skip);
             assert!(p.run_tree(root, "./"));
             p.advised
         };
         let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
-        // Empty files have no blocks to read: not offered.
+        // Empty files have no blocks to read: not offered; a skipped directory is
+        // not entered.
         assert_eq!(names, ["./a", "./b/c/d", "./b/e", "./z"]);
+        assert_eq!(skipped, [y_ino], "skipped with the listing's inode number");
         // Three files of one block each were advised.
         assert!(advised > 0 && advised <= 3 * 8192, "{advised}");
 

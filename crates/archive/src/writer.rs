@@ -95,6 +95,9 @@ pub struct Stats {
     pub excluded: u64,
     /// Directories on other file systems whose contents were skipped.
     pub other_fs_dirs: u64,
+    /// Entries the sink emitted from an earlier walk unstatted
+    /// ([`TreeSink::unstatted`]; a directory counts once).
+    pub taken_over: u64,
     /// File content bytes archived (sparse: data regions only).
     pub data_bytes: u64,
     /// Regular files whose content was read (a sink may skip reading).
@@ -119,6 +122,7 @@ impl Stats {
         self.sockets_skipped += o.sockets_skipped;
         self.excluded += o.excluded;
         self.other_fs_dirs += o.other_fs_dirs;
+        self.taken_over += o.taken_over;
         self.data_bytes += o.data_bytes;
         self.files_read += o.files_read;
         self.bytes_read += o.bytes_read;
@@ -197,6 +201,31 @@ pub trait TreeSink {
     /// # Errors
     /// Whatever the sink fails with; the walk stops.
     fn entry(&mut self, h: &MemberHeader<'_>) -> Result<()>;
+
+    /// As [`TreeSink::entry`], with the `lstat` key of the member's inode
+    /// (the walker calls this one; the default forwards to `entry`).
+    ///
+    /// # Errors
+    /// Whatever the sink fails with; the walk stops.
+    fn keyed_entry(&mut self, h: &MemberHeader<'_>, key: &StatKey) -> Result<()> {
+        let _ = key;
+        self.entry(h)
+    }
+
+    /// Asked for every entry below the walk's root before it is `lstat`ed,
+    /// with its member name (no trailing slash) and the inode number the
+    /// directory listing gives for it. A sink that knows that inode (and
+    /// for a directory everything below it) unchanged since an earlier walk
+    /// may emit those members itself and return true; the walker then
+    /// neither `lstat`s nor opens the entry. The default (and
+    /// [`ArchiveWriter`]) returns false.
+    ///
+    /// # Errors
+    /// Whatever the sink fails with; the walk stops.
+    fn unstatted(&mut self, member: &[u8], ino: u64) -> Result<bool> {
+        let _ = (member, ino);
+        Ok(false)
+    }
 
     /// A regular file; `h.size` content bytes (its data regions, in
     /// order) are available from `data`. The sink may read them with
@@ -395,20 +424,24 @@ impl Walker {
                     ent.map_err(|e| ArchiveError::fs("read directory", dir_path, e.into()))?;
                 let n = ent.file_name().to_bytes();
                 if n != b"." && n != b".." {
-                    names.push(n.to_vec());
+                    names.push((n.to_vec(), ent.ino()));
                 }
             }
         }
         names.sort();
-        for name in names {
+        for (name, ino) in names {
             let mut member = dir_member.to_vec();
             member.push(b'/');
             member.extend_from_slice(&name);
-            let path = dir_path.join(std::ffi::OsStr::from_bytes(&name));
             if ctx.excludes.is_excluded(&member) {
                 stats.excluded += 1;
                 continue;
             }
+            if sink.unstatted(&member, ino)? {
+                stats.taken_over += 1;
+                continue;
+            }
+            let path = dir_path.join(std::ffi::OsStr::from_bytes(&name));
             let st = match rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => Meta::from_stat(&st),
                 Err(rustix::io::Errno::NOENT) => {
@@ -624,7 +657,7 @@ impl Walker {
             acl_default,
             xattrs: &xattrs,
         };
-        sink.entry(&h)
+        sink.keyed_entry(&h, &StatKey::of(st))
     }
 
     /// Members without content: symlinks, devices, FIFOs.
@@ -659,7 +692,7 @@ impl Walker {
             acl_default,
             xattrs: &xattrs,
         };
-        sink.entry(&h)
+        sink.keyed_entry(&h, &StatKey::of(st))
     }
 
     /// Emit a hard-link member if this inode was archived before; otherwise

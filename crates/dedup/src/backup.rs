@@ -37,6 +37,7 @@ use vzkit_archive::{
 use crate::catalog::{CatalogReader, CatalogWriter, ChunkRef, DATA_TREE, Member, walk_order};
 use crate::chunker::{ChunkSizes, Chunker};
 use crate::error::{Error, Result};
+use crate::ext4scan::InodeTable;
 use crate::snapshot::{self, SnapshotRef, TreeSource};
 use crate::store::{LockFile, SnapshotLock, Store, Writer};
 
@@ -124,6 +125,13 @@ pub struct BackupStats {
     /// Trees taken over whole from the base: their volume image is
     /// unchanged, so they were not walked.
     pub trees_reused: u64,
+    /// Directories taken over with everything below them, unopened: the
+    /// volume's inode table shows none of their inodes changed.
+    pub dirs_reused: u64,
+    /// Members taken over unstatted by the inode table (those directories
+    /// and everything below them, and unchanged entries of the walked
+    /// directories).
+    pub entries_reused: u64,
     /// File content bytes read.
     pub bytes_read: u64,
     /// Chunk references.
@@ -384,6 +392,135 @@ fn tree_fingerprint(
     blake3::hash(text.as_bytes()).to_hex().to_string()
 }
 
+/// What is known of the volume a tree is mounted from
+/// ([`Backup::add_volume_tree`]).
+#[derive(Debug, Default)]
+pub struct VolumeInfo {
+    /// The image key ([`VolumeKey::of_image`]), taken before the volume
+    /// was mounted read-only.
+    pub key: Option<VolumeKey>,
+    /// The inode table of the file system in the image
+    /// ([`crate::ext4scan::scan`]), read before it was mounted (the
+    /// container stopped): directories whose inodes and all inodes below
+    /// them match the base snapshot's records are taken over unwalked.
+    pub inodes: Option<InodeTable>,
+    /// Everything else the walk's result depends on: for a container,
+    /// every source tree with its volume key, since a tree's walk stops
+    /// at the mount points nested in it and records their roots.
+    pub context: String,
+    /// The layout of the trees: every source tree's member prefix
+    /// (without volume keys).
+    pub layout: String,
+}
+
+/// Which entries of a tree a walk may take over from the base snapshot
+/// unstatted, from the base's records and the volume's inode table (see the
+/// crate docs).
+#[derive(Debug)]
+struct Guide {
+    table: InodeTable,
+    /// Device the base's records of the tree's own file system show.
+    base_dev: u64,
+    /// Directories (member names without the trailing slash) that are
+    /// changed themselves or have a changed inode below them.
+    dirty: HashSet<Vec<u8>>,
+}
+
+/// Directories beyond which a tree is walked without a guide (memory).
+const DIRTY_MAX: usize = 1 << 20;
+
+/// The parent of a member name (`./a/b` → `./a`); `None` for the root.
+fn parent(name: &[u8]) -> Option<&[u8]> {
+    let i = name.iter().rposition(|&c| c == b'/')?;
+    Some(&name[..i])
+}
+
+impl Guide {
+    /// Read the base catalog's records of `tree` against `table`: every
+    /// record that is not [`Guide::clean`] makes its parent directories
+    /// dirty, and itself if it is a directory. `None` if the base cannot
+    /// guide this walk (a record without key: written before keys were
+    /// kept for all members).
+    fn build(cat: &Path, tree: u32, table: InodeTable) -> Result<Option<Guide>> {
+        let mut r = CatalogReader::open(cat)?;
+        let mut g = Guide {
+            table,
+            base_dev: 0,
+            dirty: HashSet::new(),
+        };
+        let mut root: Option<Vec<u8>> = None;
+        while let Some(m) = r.next_member()? {
+            if m.tree != tree {
+                if m.tree != DATA_TREE && m.tree > tree {
+                    break;
+                }
+                continue;
+            }
+            let Some(k) = m.key else {
+                return Ok(None);
+            };
+            let name = m.name.strip_suffix(b"/").unwrap_or(&m.name);
+            let Some(root_name) = &root else {
+                // The tree's root comes first; it is always walked.
+                root = Some(name.to_vec());
+                g.base_dev = k.dev;
+                continue;
+            };
+            if g.clean(&m) {
+                continue;
+            }
+            let mut at = if m.kind == MemberKind::Directory {
+                Some(name)
+            } else {
+                parent(name)
+            };
+            while let Some(d) = at {
+                if !g.dirty.insert(d.to_vec()) || d == root_name.as_slice() {
+                    break;
+                }
+                at = parent(d);
+            }
+            if g.dirty.len() > DIRTY_MAX {
+                return Ok(None);
+            }
+        }
+        Ok(root.map(|_| g))
+    }
+
+    /// The base record `p` describes its inode as the table shows it now:
+    /// not racy, on the tree's own file system, same mode, owners, size,
+    /// mtime and ctime; for anything but a directory, one link (the walk
+    /// must see every name of an inode with several).
+    fn clean(&self, p: &Member) -> bool {
+        let Some(k) = p.key else {
+            return false;
+        };
+        !p.racy
+            && k.dev == self.base_dev
+            && self.table.get(k.ino).is_some_and(|i| {
+                i.mode == k.mode
+                    && i.uid == k.uid
+                    && i.gid == k.gid
+                    && i.size == k.size
+                    && i.mtime_ns == k.mtime_ns
+                    && i.ctime_ns == k.ctime_ns
+                    && (p.kind == MemberKind::Directory
+                        || (i.nlink == 1 && p.kind != MemberKind::HardLink))
+            })
+    }
+
+    /// Whether the entry `member` with inode `ino` (from the directory
+    /// listing) may be taken over from its base record `p` unstatted (with
+    /// everything below it, for a directory). Files stored sparse are
+    /// left to the walk (which checks they still have holes).
+    fn takes(&self, member: &[u8], ino: u64, p: &Member) -> bool {
+        p.key.is_some_and(|k| k.ino == ino)
+            && p.sparse.is_none()
+            && !self.dirty.contains(member)
+            && self.clean(p)
+    }
+}
+
 /// How far (allocated bytes) the read-ahead thread may run ahead of the reads.
 const PREFETCH_WINDOW: u64 = 64 << 20;
 
@@ -406,7 +543,7 @@ fn unchanged(p: &Member, key: &StatKey) -> bool {
 /// Whether the walk will read file `member` of `tree` with this key: false
 /// if the base shows it unchanged (read-ahead skips such files).
 fn will_read(base: &mut PrevCursor, tree: u32, member: &[u8], key: &StatKey) -> bool {
-    !matches!(base.lookup(tree, member), Ok(Some(p)) if unchanged(&p, key))
+    !matches!(base.find(tree, member), Ok(Some(p)) if unchanged(&p, key))
 }
 
 /// Paces reads to a rate: sleeps until the time the bytes so far are due.
@@ -448,6 +585,8 @@ struct State {
     base_trees: Vec<TreeSource>,
     /// This backup's source trees.
     trees: Vec<TreeSource>,
+    /// The guide of the tree being walked, if any.
+    guide: Option<Arc<Guide>>,
     stats: BackupStats,
     start_ns: i64,
 }
@@ -521,6 +660,67 @@ impl State {
             self.stats.chunks += m.chunks.len() as u64;
             self.emit(m)?;
         }
+    }
+
+    /// Take over the base record of `member` (inode `ino`) unstatted, and
+    /// for a directory every record below it, if the guide allows (see
+    /// [`Guide`]).
+    fn take_unstatted(&mut self, member: &[u8], ino: u64) -> Result<bool> {
+        let Some(g) = self.guide.clone() else {
+            return Ok(false);
+        };
+        let tree = self.tree;
+        let Some(prev) = self.prev.as_mut() else {
+            return Ok(false);
+        };
+        let Some(p) = prev.find(tree, member)? else {
+            return Ok(false);
+        };
+        if !g.takes(member, ino, &p) {
+            // Looked up again when the walk offers the entry.
+            prev.held = Some(p);
+            return Ok(false);
+        }
+        let dir = p.kind == MemberKind::Directory;
+        self.take_record(p)?;
+        if !dir {
+            return Ok(true);
+        }
+        let mut below = member.to_vec();
+        below.push(b'/');
+        loop {
+            let Some(prev) = self.prev.as_mut() else {
+                return Ok(true);
+            };
+            if prev.peeked.is_none() {
+                prev.peeked = prev.cat.next_member()?;
+            }
+            let Some(p) = prev.peeked.as_ref() else {
+                return Ok(true);
+            };
+            if p.tree != tree || !p.name.starts_with(&below) {
+                return Ok(true);
+            }
+            let Some(m) = prev.peeked.take() else {
+                return Ok(true);
+            };
+            self.take_record(m)?;
+        }
+    }
+
+    /// Write a record taken over from the base, counting it.
+    fn take_record(&mut self, m: Member) -> Result<()> {
+        match m.kind {
+            MemberKind::Regular => {
+                self.stats.files += 1;
+                self.stats.files_reused += 1;
+            }
+            MemberKind::Directory => self.stats.dirs_reused += 1,
+            _ => {}
+        }
+        self.stats.entries_reused += 1;
+        self.stats.chunks += m.chunks.len() as u64;
+        self.emit(m)
     }
 
     /// Count a record of the snapshot and its share of the tar stream.
@@ -848,6 +1048,21 @@ impl TreeSink for State {
             .map_err(to_archive)
     }
 
+    fn keyed_entry(&mut self, h: &MemberHeader<'_>, key: &StatKey) -> vzkit_archive::Result<()> {
+        let mut m = Member::from_header(h, self.tree);
+        m.key = Some(*key);
+        m.racy = self.is_racy(key);
+        self.check_cancel()
+            .and_then(|()| self.emit(m))
+            .map_err(to_archive)
+    }
+
+    fn unstatted(&mut self, member: &[u8], ino: u64) -> vzkit_archive::Result<bool> {
+        self.check_cancel()
+            .and_then(|()| self.take_unstatted(member, ino))
+            .map_err(to_archive)
+    }
+
     fn file(
         &mut self,
         h: &MemberHeader<'_>,
@@ -1000,6 +1215,7 @@ impl Backup {
                 base_catalog,
                 base_trees,
                 trees: Vec::new(),
+                guide: None,
                 limit: (opts.bwlimit > 0).then(|| RateLimit {
                     rate: opts.bwlimit,
                     start: Instant::now(),
@@ -1079,22 +1295,27 @@ impl Backup {
         excludes: &ExcludeSet,
         one_file_system: bool,
     ) -> Result<vzkit_archive::Stats> {
-        self.add_volume_tree(src, member_prefix, excludes, one_file_system, None, "")
-            .map(|(st, _)| st)
+        self.add_volume_tree(
+            src,
+            member_prefix,
+            excludes,
+            one_file_system,
+            VolumeInfo::default(),
+        )
+        .map(|(st, _)| st)
     }
 
-    /// As [`Backup::add_tree`], for a tree mounted from the volume image
-    /// whose key is `volume` ([`VolumeKey::of_image`], taken before the
-    /// volume was mounted read-only). `context` describes everything else
-    /// the walk's result depends on — for a container, every source tree
-    /// with its volume key, since a tree's walk stops at the mount points
-    /// nested in it and records their roots. If the base snapshot recorded
-    /// the same tree (prefix, excludes, one-file-system rule, id map,
-    /// context) with the same key, the tree is not walked: its records are
-    /// taken over whole. The key is recorded for the next backup unless it
-    /// changed within 1 s before this backup started, or
-    /// [`Backup::forget_volumes`] is called. Returns the walk's statistics
-    /// (empty for a tree taken over) and whether the tree was taken over.
+    /// As [`Backup::add_tree`], for a tree mounted from a volume image
+    /// (see [`VolumeInfo`]). If the base snapshot recorded the same tree
+    /// (prefix, excludes, one-file-system rule, id map, context) with the
+    /// same image key, the tree is not walked: its records are taken over
+    /// whole. The key is recorded for the next backup unless it changed
+    /// within 1 s before this backup started, or
+    /// [`Backup::forget_volumes`] is called. Otherwise, with the volume's
+    /// inode table and a base walked with the same parameters and layout,
+    /// only directories with changed inodes in or below them are walked
+    /// (see the crate docs). Returns the walk's statistics (empty for a
+    /// tree taken over) and whether the tree was taken over.
     ///
     /// # Errors
     /// Walk errors, store errors.
@@ -1104,35 +1325,55 @@ impl Backup {
         member_prefix: &str,
         excludes: &ExcludeSet,
         one_file_system: bool,
-        volume: Option<VolumeKey>,
-        context: &str,
+        volume: VolumeInfo,
     ) -> Result<(vzkit_archive::Stats, bool)> {
         let tree = self.state.tree;
+        let id_map = self.state.opts.id_map.as_ref();
         let source = TreeSource {
             prefix: member_prefix.to_string(),
             fingerprint: tree_fingerprint(
                 member_prefix,
                 excludes,
                 one_file_system,
-                self.state.opts.id_map.as_ref(),
-                context,
+                id_map,
+                &volume.context,
             ),
-            volume: volume.filter(|v| {
+            volume: volume.key.filter(|v| {
                 let racy = self.state.start_ns - RACY_NS;
                 v.ctime_ns < racy && v.mtime_ns < racy
             }),
+            walk: if volume.layout.is_empty() {
+                String::new()
+            } else {
+                tree_fingerprint(
+                    member_prefix,
+                    excludes,
+                    one_file_system,
+                    id_map,
+                    &volume.layout,
+                )
+            },
         };
         // Chunks verification reported bad must have been written again
         // (by a backup that read their data) before records are taken over
         // unchecked; the base itself is locked, so its chunks stay.
-        let reuse = source.volume.is_some()
-            && self.state.opts.change_detection == ChangeDetection::Metadata
-            && self.state.base_trees.get(tree as usize) == Some(&source)
-            && self.state.prev.as_ref().is_some_and(|p| {
+        let metadata = self.state.opts.change_detection == ChangeDetection::Metadata;
+        let base_tree = self.state.base_trees.get(tree as usize);
+        let intact = || {
+            self.state.prev.as_ref().is_some_and(|p| {
                 p.suspect
                     .iter()
                     .all(|d| self.state.store.chunk_is_intact(d))
-            });
+            })
+        };
+        let reuse = source.volume.is_some() && metadata && base_tree == Some(&source) && intact();
+        let guided = !reuse
+            && metadata
+            && volume.inodes.is_some()
+            && !source.walk.is_empty()
+            && base_tree.is_some_and(|b| b.walk == source.walk)
+            && self.state.prev.as_ref().is_some_and(|p| p.same_id_map)
+            && intact();
         self.state.trees.push(source);
         if reuse {
             self.state.check_cancel()?;
@@ -1143,7 +1384,7 @@ impl Backup {
         }
         // The read-ahead thread offers only files the walk will read: with a
         // base, those whose key does not show them unchanged.
-        let mut base = match &self.state.base_catalog {
+        let base = match &self.state.base_catalog {
             Some(p) => Some(PrevCursor {
                 cat: CatalogReader::open(p)?,
                 peeked: None,
@@ -1153,7 +1394,11 @@ impl Backup {
             }),
             None => None,
         };
-        let tree = self.state.tree;
+        self.state.guide = None;
+        if guided && let (Some(cat), Some(table)) = (&self.state.base_catalog, volume.inodes) {
+            self.state.guide = Guide::build(cat, tree, table)?.map(Arc::new);
+        }
+        let guide = self.state.guide.clone();
         let consumed = Arc::clone(&self.state.consumed);
         let done = AtomicBool::new(false);
         let (walker, state) = (&mut self.walker, &mut self.state);
@@ -1161,17 +1406,37 @@ impl Backup {
             let _ = std::thread::Builder::new()
                 .name("dedup-prefetch".into())
                 .spawn_scoped(scope, || {
+                    let base = std::cell::RefCell::new(base);
                     let mut want = |m: &[u8], st: &rustix::fs::Stat| {
-                        base.as_mut()
+                        base.borrow_mut()
+                            .as_mut()
                             .is_none_or(|b| will_read(b, tree, m, &StatKey::from_stat(st)))
+                    };
+                    // Entries the walk takes over unstatted are left out.
+                    let mut skip = |m: &[u8], ino: u64| {
+                        let mut base = base.borrow_mut();
+                        let (Some(g), Some(b)) = (guide.as_ref(), base.as_mut()) else {
+                            return false;
+                        };
+                        match b.find(tree, m) {
+                            Ok(Some(p)) if g.takes(m, ino, &p) => true,
+                            Ok(Some(p)) => {
+                                b.held = Some(p);
+                                false
+                            }
+                            _ => false,
+                        }
                     };
                     Prefetcher::new(excludes, &consumed, &done, PREFETCH_WINDOW)
                         .with_filter(&mut want)
+                        .with_skip(&mut skip)
                         .run_tree(src, member_prefix);
                 });
             let _stop = StopOnDrop(&done);
             walker.walk(src, member_prefix, excludes, one_file_system, state)
-        })?;
+        });
+        self.state.guide = None;
+        let st = st?;
         self.state.tree += 1;
         self.state.stats.bytes_read += st.bytes_read;
         for w in &st.warnings {
@@ -1477,7 +1742,16 @@ mod tests {
             let mut b = Backup::start(&store, o).unwrap();
             b.state.start_ns = start_ns;
             let (_, whole) = b
-                .add_volume_tree(&src, "./", excludes, true, key, "")
+                .add_volume_tree(
+                    &src,
+                    "./",
+                    excludes,
+                    true,
+                    VolumeInfo {
+                        key,
+                        ..VolumeInfo::default()
+                    },
+                )
                 .unwrap();
             let r = b.finish().unwrap();
             assert_eq!(r.stats.trees_reused, u64::from(whole));
@@ -1547,7 +1821,17 @@ mod tests {
             let mut b = Backup::start(&store, small_opts(time)).unwrap();
             b.state.start_ns = old;
             let (_, whole) = b
-                .add_volume_tree(&src, "./", &none, true, Some(fresh), "./mnt/x=key")
+                .add_volume_tree(
+                    &src,
+                    "./",
+                    &none,
+                    true,
+                    VolumeInfo {
+                        key: Some(fresh),
+                        context: "./mnt/x=key".into(),
+                        ..VolumeInfo::default()
+                    },
+                )
                 .unwrap();
             if forget {
                 b.forget_volumes();

@@ -23,6 +23,7 @@
 //! | [`verify`] | re-hashing chunks, marking bad ones |
 //! | [`gc`] | mark and sweep with a grace period |
 //! | [`prune`] | `prune-backups` |
+//! | [`ext4scan`] | stat data of an unmounted ext2/3/4 image's inodes, from its inode tables |
 //!
 //! # Change detection (incremental backups)
 //!
@@ -85,6 +86,40 @@
 //! granularity). With [`ChangeDetection::Data`], or while a chunk that
 //! verification reported bad has not been written again, trees are walked.
 //!
+//! # Changed directories only (ext2/3/4 images)
+//!
+//! When a tree's image did change, vzdump's stop mode reads the inode
+//! table of the ext2/3/4 file system in it before mounting it
+//! ([`ext4scan`]: straight from the image file, tens of MB at most, no
+//! mount; only if the file system was cleanly unmounted — no journal
+//! recovery pending, no error state — so that the tables on disk are what a
+//! mount shows). If the base walked the same tree with the same parameters
+//! and the same layout of source trees (prefixes, without image keys), every
+//! record of the tree in the base is compared with the inode it was made
+//! from, by inode number: mode, uid, gid, size, mtime and ctime (ns). A
+//! record whose inode differs, is gone, or that is racy, lies on another
+//! file system (a nested mount point's root), has no key (catalogs written
+//! before keys were kept for all members), or is a non-directory with
+//! several links, marks its parent directories *dirty*, and itself if it
+//! is a directory. The walk then takes every directory that is not dirty,
+//! whose own `lstat` still matches its base record and that lies on the
+//! tree's file system, from the base whole — its record and every record
+//! below it — without opening it ([`vzkit_archive::TreeSink::subtree_unopened`]);
+//! dirty directories are walked as usual, with the per-file rule above.
+//!
+//! Why this is safe: creating, removing or renaming an entry changes the
+//! mtime and ctime of its directory, and every change of an inode (data,
+//! mode, owners, xattrs, ACLs, links) changes its ctime, which cannot be
+//! set back. So a directory whose inode is unchanged has the same entries,
+//! and if no inode below it changed either, everything below it is as the
+//! base recorded it; a new entry anywhere makes its parent directory (or,
+//! for a new directory, an older ancestor) dirty. Files with several links
+//! are never taken over this way because the walk must see every name of
+//! such an inode to write the later ones as hard links. The table is read
+//! while vzdump's lock keeps the stopped container from starting or being
+//! mounted, and the image keys taken with it are compared again after the
+//! walk, as for whole trees.
+//!
 //! # Read-ahead
 //!
 //! While a tree is walked, a second thread
@@ -92,7 +127,8 @@
 //! order, `stat`ing every entry and asking the kernel to read ahead the
 //! data of the files the walk will read — all of them without a base,
 //! else those the base does not show unchanged by the rule above — at
-//! most 64 MiB ahead of the reads. A freshly mounted volume is cold: the
+//! most 64 MiB ahead of the reads; it does not enter directories the walk
+//! takes over. A freshly mounted volume is cold: the
 //! walk would otherwise wait for every directory block, inode and file.
 //!
 //! Reused chunks are not touched: the backup holds a shared lock on its
@@ -156,13 +192,16 @@ pub mod backup;
 pub mod catalog;
 pub mod chunker;
 pub mod error;
+pub mod ext4scan;
 pub mod gc;
 pub mod prune;
 pub mod snapshot;
 pub mod store;
 pub mod verify;
 
-pub use backup::{Backup, BackupOptions, BackupResult, BackupStats, ChangeDetection, VolumeKey};
+pub use backup::{
+    Backup, BackupOptions, BackupResult, BackupStats, ChangeDetection, VolumeInfo, VolumeKey,
+};
 pub use error::{Error, Result};
 pub use snapshot::{SnapshotInfo, SnapshotRef};
 pub use store::Store;

@@ -144,6 +144,12 @@ pub struct TreeSource {
     /// proves the tree unchanged while it stays the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<crate::backup::VolumeKey>,
+    /// blake3 (hex) of the walk's parameters and the layout of the trees
+    /// (their prefixes, without volume keys): a later walk with the same
+    /// value may take unchanged directories from this snapshot (see
+    /// [`crate::backup::VolumeInfo`]). Empty: unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub walk: String,
 }
 
 /// How a snapshot records the id map its trees were walked with: whole

@@ -953,6 +953,27 @@ async fn disk_keys(
     out
 }
 
+/// The inode table ([`vzkit_dedup::ext4scan::scan`]) of each of `disks` that is an ext2/3/4
+/// volume image file not mounted (cleanly unmounted), by member prefix.
+async fn disk_inodes(
+    storages: &Storages,
+    disks: &[crate::plan::Disk],
+) -> Vec<(String, vzkit_dedup::ext4scan::InodeTable)> {
+    let mut out = Vec::new();
+    for d in disks {
+        if d.mp.kind() == vzkit_runtime::conf::MountPointKind::Volume
+            && let Ok((plugin, volname)) = storages.resolve(&d.mp.volume)
+            && let Ok(vzkit_storage::plugin::VolumeAccess::ImageFile(path)) =
+                plugin.access(&volname, None).await
+            && let Ok(Ok(Some(t))) =
+                tokio::task::spawn_blocking(move || vzkit_dedup::ext4scan::scan(&path)).await
+        {
+            out.push((d.member_prefix(), t));
+        }
+    }
+    out
+}
+
 /// The image key of each archive source, from [`disk_keys`]; all `None` unless every source
 /// has one (a tree is only taken over together with the trees nested in it).
 fn source_keys(
@@ -986,12 +1007,6 @@ async fn archive_dedup(
     let log = &ctx.log;
     // Volume image keys are taken before the volumes are mounted, and again after the walk.
     let stop = t.mode == Mode::Stop;
-    let keys_before = if stop {
-        disk_keys(&ctx.storages, &t.plan.disks).await
-    } else {
-        Vec::new()
-    };
-    let job = archive_job(ctx, t, config, firewall).await?;
     let mode = match (
         ctx.opts.change_detection.as_deref(),
         ctx.opts.pbs_change_detection_mode.as_deref(),
@@ -999,6 +1014,18 @@ async fn archive_dedup(
         (Some("data"), _) | (None, Some("data" | "legacy")) => vzkit_dedup::ChangeDetection::Data,
         _ => vzkit_dedup::ChangeDetection::Metadata,
     };
+    let (keys_before, mut inodes) = if stop {
+        let keys = disk_keys(&ctx.storages, &t.plan.disks).await;
+        let inodes = if mode == vzkit_dedup::ChangeDetection::Metadata {
+            disk_inodes(&ctx.storages, &t.plan.disks).await
+        } else {
+            Vec::new()
+        };
+        (keys, inodes)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let job = archive_job(ctx, t, config, firewall).await?;
     log.info(format!(
         "change detection: {}",
         if mode == vzkit_dedup::ChangeDetection::Data {
@@ -1017,7 +1044,21 @@ async fn archive_dedup(
         .map(|(s, k)| format!("{}={k:?}", s.prefix))
         .collect();
     let layout = layout.join("\n");
-    let keys = volumes.clone();
+    let prefixes: Vec<&str> = sources.iter().map(|s| s.prefix.as_str()).collect();
+    let prefixes = prefixes.join("\n");
+    let infos: Vec<vzkit_dedup::VolumeInfo> = sources
+        .iter()
+        .zip(&volumes)
+        .map(|(s, k)| vzkit_dedup::VolumeInfo {
+            key: *k,
+            inodes: inodes
+                .iter()
+                .position(|(p, _)| *p == s.prefix)
+                .map(|i| inodes.swap_remove(i).1),
+            context: layout.clone(),
+            layout: prefixes.clone(),
+        })
+        .collect();
     let vmid = t.vmid;
     let cancel = Arc::clone(&ctx.cancel);
     let cancelled = Arc::clone(&ctx.cancel);
@@ -1045,12 +1086,11 @@ async fn archive_dedup(
                 job.config_mtime,
             )?;
             let mut reused = Vec::new();
-            for (s, v) in job.sources.iter().zip(keys) {
+            for (s, v) in job.sources.iter().zip(infos) {
                 if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                     return Err(vzkit_dedup::Error::Invalid("interrupted by signal".into()));
                 }
-                let (_, whole) =
-                    b.add_volume_tree(&s.dir, &s.prefix, &job.excludes, true, v, &layout)?;
+                let (_, whole) = b.add_volume_tree(&s.dir, &s.prefix, &job.excludes, true, v)?;
                 if whole {
                     reused.push(s.prefix.clone());
                 }
@@ -1096,6 +1136,12 @@ async fn archive_dedup(
         st.files_reused,
         format_size(st.bytes_read)
     ));
+    if st.entries_reused > 0 {
+        log.info(format!(
+            "{} directories and {} entries in all unchanged since the last backup by the volume's inode table: taken over without walking them",
+            st.dirs_reused, st.entries_reused
+        ));
+    }
     log.info(format!(
         "chunks: {} referenced, {} new ({} -> {} compressed)",
         st.chunks,
