@@ -136,10 +136,14 @@ fn basename(name: &[u8]) -> &[u8] {
     }
 }
 
+/// The lowest `field.len() - 1` octal digits of `value`, zero-padded, and a NUL.
 fn put_octal(field: &mut [u8], value: u64) {
     let digits = field.len() - 1;
-    let s = format!("{value:0digits$o}");
-    field[..digits].copy_from_slice(&s.as_bytes()[s.len() - digits..]);
+    let mut v = value;
+    for b in field[..digits].iter_mut().rev() {
+        *b = b'0' + (v & 7) as u8;
+        v >>= 3;
+    }
     field[digits] = 0;
 }
 
@@ -181,8 +185,8 @@ fn ustar_block(
     }
     h[148..156].fill(b' ');
     let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
-    let s = format!("{sum:06o}\0 ");
-    h[148..156].copy_from_slice(s.as_bytes());
+    put_octal(&mut h[148..155], sum);
+    h[155] = b' ';
     h
 }
 
@@ -342,5 +346,29 @@ mod tests {
         parsed.verify_checksum().unwrap();
         assert_eq!(parsed.entry_size().unwrap(), 3);
         assert_eq!(&h[100..108], b"0000644\0");
+    }
+
+    #[test]
+    fn octal_fields_match_formatting() {
+        for v in [
+            0u64,
+            1,
+            7,
+            8,
+            0o644,
+            0o7777777,
+            0o10000000,
+            123_456_789,
+            u64::MAX,
+        ] {
+            for len in [7usize, 8, 12] {
+                let mut f = vec![0xffu8; len];
+                put_octal(&mut f, v);
+                let d = len - 1;
+                let s = format!("{v:0d$o}");
+                assert_eq!(&f[..d], &s.as_bytes()[s.len() - d..], "{v:o} in {len}");
+                assert_eq!(f[d], 0);
+            }
+        }
     }
 }
