@@ -498,12 +498,16 @@ impl Guide {
         !p.racy
             && k.dev == self.base_dev
             && self.table.get(k.ino).is_some_and(|i| {
-                i.mode == k.mode
-                    && i.uid == k.uid
-                    && i.gid == k.gid
-                    && i.size == k.size
-                    && i.mtime_ns == k.mtime_ns
-                    && i.ctime_ns == k.ctime_ns
+                let now = StatKey {
+                    size: i.size,
+                    mtime_ns: i.mtime_ns,
+                    ctime_ns: i.ctime_ns,
+                    mode: i.mode,
+                    uid: i.uid,
+                    gid: i.gid,
+                    ..k
+                };
+                same_key(&k, &now)
                     && (p.kind == MemberKind::Directory
                         || (i.nlink == 1 && p.kind != MemberKind::HardLink))
             })
@@ -524,20 +528,22 @@ impl Guide {
 /// How far (allocated bytes) the read-ahead thread may run ahead of the reads.
 const PREFETCH_WINDOW: u64 = 64 << 20;
 
+/// Two stat keys of the same unchanged inode: all fields but the device
+/// (snapshot mounts get a new one each time) equal.
+fn same_key(a: &StatKey, b: &StatKey) -> bool {
+    a.ino == b.ino
+        && a.size == b.size
+        && a.mtime_ns == b.mtime_ns
+        && a.ctime_ns == b.ctime_ns
+        && a.mode == b.mode
+        && a.uid == b.uid
+        && a.gid == b.gid
+}
+
 /// The reuse rule (see the crate docs): the earlier entry `p` is a regular
 /// file that was not racy, with the same stat key.
 fn unchanged(p: &Member, key: &StatKey) -> bool {
-    p.kind == MemberKind::Regular
-        && !p.racy
-        && p.key.is_some_and(|pk| {
-            pk.ino == key.ino
-                && pk.size == key.size
-                && pk.mtime_ns == key.mtime_ns
-                && pk.ctime_ns == key.ctime_ns
-                && pk.mode == key.mode
-                && pk.uid == key.uid
-                && pk.gid == key.gid
-        })
+    p.kind == MemberKind::Regular && !p.racy && p.key.is_some_and(|pk| same_key(&pk, key))
 }
 
 /// Whether the walk will read file `member` of `tree` with this key: false
