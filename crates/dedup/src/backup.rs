@@ -1,7 +1,8 @@
 //! Writing a snapshot: the tree walker of `vzkit-archive` feeds a
 //! [`TreeSink`] that chunks file data, hashes each chunk (blake3) on the
-//! walking thread and hands new chunks to a bounded pool of threads that
-//! compress (zstd) and write them. Unchanged files (see the crate docs)
+//! walking thread (files of 8 MiB or more on a second thread, while the
+//! walking thread reads them) and hands new chunks to a bounded pool of
+//! threads that compress (zstd) and write them. Unchanged files (see the crate docs)
 //! reuse the previous snapshot's entry and chunk list without being
 //! opened.
 //!
@@ -419,6 +420,9 @@ pub struct VolumeInfo {
 #[derive(Debug)]
 struct Guide {
     table: InodeTable,
+    /// Device of the mounted tree: records taken over get it, so that the
+    /// next backup sees them on the tree's own file system.
+    dev: u64,
     /// Device the base's records of the tree's own file system show.
     base_dev: u64,
     /// Directories (member names without the trailing slash) that are
@@ -440,11 +444,28 @@ impl Guide {
     /// record that is not [`Guide::clean`] makes its parent directories
     /// dirty, and itself if it is a directory. `None` if the base cannot
     /// guide this walk (a record without key: written before keys were
-    /// kept for all members).
-    fn build(cat: &Path, tree: u32, table: InodeTable) -> Result<Option<Guide>> {
+    /// kept for all members), or if the mounted tree's root (`root`, its
+    /// `stat`) is not the inode the table shows.
+    fn build(cat: &Path, tree: u32, table: InodeTable, root: &StatKey) -> Result<Option<Guide>> {
+        let mounted = table.get(root.ino).is_some_and(|i| {
+            let scanned = StatKey {
+                size: i.size,
+                mtime_ns: i.mtime_ns,
+                ctime_ns: i.ctime_ns,
+                mode: i.mode,
+                uid: i.uid,
+                gid: i.gid,
+                ..*root
+            };
+            same_key(root, &scanned)
+        });
+        if !mounted {
+            return Ok(None);
+        }
         let mut r = CatalogReader::open(cat)?;
         let mut g = Guide {
             table,
+            dev: root.dev,
             base_dev: 0,
             dirty: HashSet::new(),
         };
@@ -688,7 +709,7 @@ impl State {
             return Ok(false);
         }
         let dir = p.kind == MemberKind::Directory;
-        self.take_record(p)?;
+        self.take_record(p, g.dev)?;
         if !dir {
             return Ok(true);
         }
@@ -710,12 +731,16 @@ impl State {
             let Some(m) = prev.peeked.take() else {
                 return Ok(true);
             };
-            self.take_record(m)?;
+            self.take_record(m, g.dev)?;
         }
     }
 
-    /// Write a record taken over from the base, counting it.
-    fn take_record(&mut self, m: Member) -> Result<()> {
+    /// Write a record taken over from the base, counting it; its key gets
+    /// the device of the tree's file system as mounted now.
+    fn take_record(&mut self, mut m: Member, dev: u64) -> Result<()> {
+        if let Some(k) = m.key.as_mut() {
+            k.dev = dev;
+        }
         match m.kind {
             MemberKind::Regular => {
                 self.stats.files += 1;
@@ -1012,32 +1037,91 @@ impl State {
         } else if h.size > 0 && h.size < self.opts.pack_below && h.sparse.is_none() {
             self.stats.files_read += 1;
             return self.pack_file(m, data);
+        } else if h.size >= PIPELINE_MIN {
+            self.stats.files_read += 1;
+            m.chunks = self.chunk_pipelined(data)?;
         } else {
             self.stats.files_read += 1;
             let mut chunks = Vec::new();
-            let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
             let mut err: Option<Error> = None;
             let r = data.read(&mut |b| {
-                self.throttle(b.len())
-                    .and_then(|()| ch.push(b, &mut |c| self.add_chunk(c, &mut chunks)))
-                    .map_err(|e| {
-                        let msg = e.to_string();
-                        err = Some(e);
-                        ArchiveError::Stream(std::io::Error::other(msg))
-                    })
+                self.chunk_piece(b, &mut chunks).map_err(|e| {
+                    let msg = e.to_string();
+                    err = Some(e);
+                    ArchiveError::Stream(std::io::Error::other(msg))
+                })
             });
             if let Err(e) = r {
-                self.chunker = ch;
+                self.chunker = Chunker::new(self.opts.chunk_sizes);
                 return Err(err.unwrap_or(Error::Archive(e)));
             }
-            let r = ch.finish(&mut |c| self.add_chunk(c, &mut chunks));
-            self.chunker = ch;
-            r?;
-            m.chunks = chunks;
+            m.chunks = self.finish_chunks(chunks)?;
         }
         self.emit(m)
     }
+
+    /// Account, pace and chunk a piece of a large file's data.
+    fn chunk_piece(&mut self, b: &[u8], chunks: &mut Vec<ChunkRef>) -> Result<()> {
+        self.throttle(b.len())?;
+        let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
+        let r = ch.push(b, &mut |c| self.add_chunk(c, chunks));
+        self.chunker = ch;
+        r
+    }
+
+    /// Cut the rest of a large file's data.
+    fn finish_chunks(&mut self, mut chunks: Vec<ChunkRef>) -> Result<Vec<ChunkRef>> {
+        let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
+        let r = ch.finish(&mut |c| self.add_chunk(c, &mut chunks));
+        self.chunker = ch;
+        r.map(|()| chunks)
+    }
+
+    /// Chunk a file of at least [`PIPELINE_MIN`] bytes on a second thread
+    /// while this one reads it: reading (copying from the page cache) and
+    /// cutting and hashing then overlap. A chunker error stops the reads;
+    /// a read error ends the chunking.
+    fn chunk_pipelined(&mut self, data: &mut FileData<'_>) -> Result<Vec<ChunkRef>> {
+        let (tx, rx) = sync_channel::<Vec<u8>>(PIPELINE_DEPTH);
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        std::thread::scope(|sc| {
+            let chunker = sc.spawn(move || -> Result<Vec<ChunkRef>> {
+                let mut chunks = Vec::new();
+                for b in rx {
+                    if let Err(e) = self.chunk_piece(&b, &mut chunks) {
+                        self.chunker = Chunker::new(self.opts.chunk_sizes);
+                        return Err(e);
+                    }
+                    let _ = free_tx.send(b);
+                }
+                self.finish_chunks(chunks)
+            });
+            let read = data.read(&mut |b| {
+                let mut v = free_rx.try_recv().unwrap_or_default();
+                v.clear();
+                v.extend_from_slice(b);
+                tx.send(v)
+                    .map_err(|_| ArchiveError::Stream(std::io::Error::other("chunking stopped")))
+            });
+            drop(tx);
+            let chunked = chunker
+                .join()
+                .unwrap_or_else(|_| Err(Error::Invalid("chunking thread panicked".into())));
+            match (chunked, read) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(e)) => Err(Error::Archive(e)),
+                (Ok(chunks), Ok(())) => Ok(chunks),
+            }
+        })
+    }
 }
+
+/// Files from this size on are chunked on a second thread while being read
+/// ([`State::chunk_pipelined`]); smaller ones are not worth a thread.
+const PIPELINE_MIN: u64 = 8 << 20;
+
+/// Pieces of file data (up to 256 KiB each) in flight to the chunking thread.
+const PIPELINE_DEPTH: usize = 8;
 
 fn to_archive(e: Error) -> ArchiveError {
     match e {
@@ -1348,16 +1432,17 @@ impl Backup {
                 let racy = self.state.start_ns - RACY_NS;
                 v.ctime_ns < racy && v.mtime_ns < racy
             }),
-            walk: if volume.layout.is_empty() {
-                String::new()
-            } else {
-                tree_fingerprint(
+            // Only trees walked from a cleanly unmounted image with its inode
+            // table guide later walks: their records are a consistent view.
+            walk: match &volume.inodes {
+                Some(t) if !volume.layout.is_empty() => tree_fingerprint(
                     member_prefix,
                     excludes,
                     one_file_system,
                     id_map,
-                    &volume.layout,
-                )
+                    &format!("{}\0{}", volume.layout, t.stamp()),
+                ),
+                _ => String::new(),
             },
         };
         // Chunks verification reported bad must have been written again
@@ -1402,7 +1487,9 @@ impl Backup {
         };
         self.state.guide = None;
         if guided && let (Some(cat), Some(table)) = (&self.state.base_catalog, volume.inodes) {
-            self.state.guide = Guide::build(cat, tree, table)?.map(Arc::new);
+            let root = rustix::fs::stat(src).map_err(|e| Error::io("stat", src, e.into()))?;
+            self.state.guide =
+                Guide::build(cat, tree, table, &StatKey::from_stat(&root))?.map(Arc::new);
         }
         let guide = self.state.guide.clone();
         let consumed = Arc::clone(&self.state.consumed);
@@ -1888,6 +1975,73 @@ mod tests {
             }
         }
         assert_eq!(read, ["./d4/f4"]);
+    }
+
+    #[test]
+    fn large_files_chunked_while_read_give_the_same_stream_and_stop_on_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let big: Vec<u8> = (0..(12u32 << 20))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        std::fs::write(src.join("big"), &big).unwrap();
+        std::fs::write(src.join("exact"), &big[..PIPELINE_MIN as usize]).unwrap();
+        std::fs::write(src.join("under"), &big[..PIPELINE_MIN as usize - 1]).unwrap();
+        small_tree(&src, 6);
+        let store = new_store(dir.path());
+        let want = {
+            let mut w = ArchiveWriter::new(Vec::new());
+            w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+            w.finish().unwrap()
+        };
+        let mut b = Backup::start(&store, BackupOptions::new(100)).unwrap();
+        b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        let r = b.finish().unwrap();
+        assert!(stream(&store, &r.snapshot) == want, "stream differs");
+        // The chunks of the pipelined files are those of the same data chunked in
+        // one piece: "exact" shares its chunks but the last with "big".
+        let mut c = Chunker::new(ChunkSizes::default());
+        let mut one = Vec::new();
+        c.push::<()>(&big, &mut |x| {
+            one.push(*blake3::hash(x).as_bytes());
+            Ok(())
+        })
+        .unwrap();
+        c.finish::<()>(&mut |x| {
+            one.push(*blake3::hash(x).as_bytes());
+            Ok(())
+        })
+        .unwrap();
+        let mut cat = snapshot::catalog(&store, &r.snapshot).unwrap();
+        let mut got = None;
+        while let Some(m) = cat.next_member().unwrap() {
+            if m.name == b"./big" {
+                got = Some(m.chunks.iter().map(|c| c.digest).collect::<Vec<_>>());
+            }
+        }
+        assert_eq!(got.unwrap(), one);
+
+        // A cancel while a large file is being chunked stops the backup.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut o = BackupOptions::new(101);
+        o.bwlimit = 2 << 20;
+        o.cancel = Some(Arc::clone(&cancel));
+        let c = Arc::clone(&cancel);
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            c.store(true, Ordering::Relaxed);
+        });
+        let t = Instant::now();
+        let mut b = Backup::start(&store, o).unwrap();
+        let e = b
+            .add_tree(&src, "./", &ExcludeSet::new(), true)
+            .unwrap_err()
+            .to_string();
+        stopper.join().unwrap();
+        assert!(e.contains("interrupted by signal"), "{e}");
+        // Well before the 14 s the paced reads would take.
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The catalog of a snapshot: every member of the tar stream the snapshot
 //! stands for, in stream order, with its metadata (as the tar header stores
-//! it), the [`StatKey`] of regular files (for change detection) and the
+//! it), the [`StatKey`] of each member read from a tree (for change detection) and the
 //! chunk list of its data. Stored zstd-compressed and streamed, so memory
 //! does not grow with the number of files.
 //!
@@ -108,7 +108,8 @@ pub struct Member {
     pub acl_default: Option<String>,
     /// xattrs.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Stat key of regular files read from a tree.
+    /// Stat key of members read from a tree (older catalogs: regular
+    /// files only).
     pub key: Option<StatKey>,
     /// The key was taken too close to the backup's start to prove the
     /// content unchanged later (see the crate docs).

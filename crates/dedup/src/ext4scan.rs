@@ -124,12 +124,32 @@ pub struct InodeInfo {
 }
 
 /// The in-use inodes of an ext2/3/4 image, sorted by inode number.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct InodeTable {
     entries: Vec<(u32, InodeInfo)>,
+    stamp: String,
+}
+
+impl std::fmt::Debug for InodeTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InodeTable")
+            .field("inodes", &self.entries.len())
+            .field("stamp", &self.stamp)
+            .finish()
+    }
 }
 
 impl InodeTable {
+    /// The file system's identity and what offline tools change in it:
+    /// UUID, time of the last check (`e2fsck` sets it when it checks, and
+    /// may move entries without changing their directories' ctime), block
+    /// and inode counts (`resize2fs`). Tables with different stamps are not
+    /// comparable inode by inode.
+    #[must_use]
+    pub fn stamp(&self) -> &str {
+        &self.stamp
+    }
+
     /// The stat data of inode `ino`; `None` when it is not in use, is a
     /// skipped reserved inode, or is out of range.
     #[must_use]
@@ -594,7 +614,17 @@ fn scan_checked(image: &Path, max_inodes: usize) -> io::Result<Result<InodeTable
         }
     }
     // Groups are read in order, so entries are sorted by inode number.
-    Ok(Ok(InodeTable { entries }))
+    let stamp = format!(
+        "{}:{}:{}:{}",
+        sb[0x68..0x78]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        le32(&sb, 0x40),
+        geo.blocks_count,
+        le32(&sb, 0x00)
+    );
+    Ok(Ok(InodeTable { entries, stamp }))
 }
 
 #[cfg(test)]

@@ -90,35 +90,48 @@
 //!
 //! When a tree's image did change, vzdump's stop mode reads the inode
 //! table of the ext2/3/4 file system in it before mounting it
-//! ([`ext4scan`]: straight from the image file, tens of MB at most, no
-//! mount; only if the file system was cleanly unmounted — no journal
-//! recovery pending, no error state — so that the tables on disk are what a
-//! mount shows). If the base walked the same tree with the same parameters
-//! and the same layout of source trees (prefixes, without image keys), every
-//! record of the tree in the base is compared with the inode it was made
-//! from, by inode number: mode, uid, gid, size, mtime and ctime (ns). A
-//! record whose inode differs, is gone, or that is racy, lies on another
-//! file system (a nested mount point's root), has no key (catalogs written
-//! before keys were kept for all members), or is a non-directory with
-//! several links, marks its parent directories *dirty*, and itself if it
-//! is a directory. The walk then takes every directory that is not dirty,
-//! whose own `lstat` still matches its base record and that lies on the
-//! tree's file system, from the base whole — its record and every record
-//! below it — without opening it ([`vzkit_archive::TreeSink::subtree_unopened`]);
-//! dirty directories are walked as usual, with the per-file rule above.
+//! ([`ext4scan`]: straight from the image file, a few MB, no mount; only if
+//! the file system was cleanly unmounted — no journal recovery or orphan
+//! cleanup pending, no error state — so that the tables on disk are what a
+//! mount shows). The base guides the walk if it walked the same tree the
+//! same way: same parameters, same layout of source trees (prefixes,
+//! without image keys), and also from a table of the same file system
+//! ([`ext4scan::InodeTable::stamp`]: UUID, time of the last `e2fsck` check,
+//! block and inode counts). So only trees walked from a cleanly unmounted
+//! image — a consistent view — guide later walks (not snapshot mode, whose
+//! mounts skip the journal), and a check or resize in between turns the
+//! guide off. The mounted tree's root must also be the inode the table
+//! shows. Then every record of the tree in the base is compared with the
+//! inode it was made from, by inode number: mode, uid, gid, size, mtime and
+//! ctime (ns). A record whose inode differs, is gone, or that is racy, lies
+//! on another file system (a nested mount point's root), has no key
+//! (catalogs written before keys were kept for all members), or is a
+//! non-directory with several links, marks its parent directories *dirty*,
+//! and itself if it is a directory. The walker asks before it `lstat`s an
+//! entry, with the inode number of the directory listing
+//! ([`vzkit_archive::TreeSink::unstatted`]): an entry whose base record is
+//! for that inode and unchanged (for a directory: not dirty) is taken over
+//! with everything below it, neither `lstat`ed nor opened; so only dirty
+//! directories are listed, and in them only changed entries `lstat`ed.
+//! Entries of dirty directories stored sparse are left to the walk (which
+//! checks that they still have holes). Records taken over get the device
+//! number of the current mount, as walked ones do.
 //!
 //! Why this is safe: creating, removing or renaming an entry changes the
 //! mtime and ctime of its directory, and every change of an inode (data,
 //! mode, owners, xattrs, ACLs, links) changes its ctime, which cannot be
-//! set back. So a directory whose inode is unchanged has the same entries,
-//! and if no inode below it changed either, everything below it is as the
-//! base recorded it; a new entry anywhere makes its parent directory (or,
-//! for a new directory, an older ancestor) dirty. Files with several links
-//! are never taken over this way because the walk must see every name of
-//! such an inode to write the later ones as hard links. The table is read
-//! while vzdump's lock keeps the stopped container from starting or being
-//! mounted, and the image keys taken with it are compared again after the
-//! walk, as for whole trees.
+//! set back through the file system. So a directory whose inode is
+//! unchanged has the same entries, and if no inode below it changed
+//! either, everything below it is as the base recorded it; a new entry
+//! anywhere makes its parent directory (or, for a new directory, an older
+//! ancestor) dirty. Offline tools can bypass this (`e2fsck` reconnecting an
+//! inode into `lost+found`, `resize2fs`), hence the stamp; a hand edit with
+//! `debugfs -w` is not detected. Files with several links are never taken
+//! over this way because the walk must see every name of such an inode to
+//! write the later ones as hard links. The table is read while vzdump's
+//! lock keeps the stopped container from starting or being mounted, and
+//! the image keys taken with it are compared again after the walk, as for
+//! whole trees.
 //!
 //! # Read-ahead
 //!
@@ -158,7 +171,9 @@
 //!
 //! Smaller chunks cost more chunk files but cut the data written per small
 //! change by 2–5×; throughput is within the noise of the shared machine.
-//! blake3 of each chunk runs on the walking thread; compression and writing run on a
+//! blake3 of each chunk runs on the walking thread (for files of 8 MiB or more on a second
+//! thread that cuts and hashes while the walking thread reads, at most 8 pieces of 256 KiB
+//! ahead); compression and writing run on a
 //! pool of one thread per CPU fed through a bounded queue (memory: at most
 //! two queued chunks per thread plus one chunk being cut and one pack chunk
 //! being filled, at most 16,384 catalog records waiting for it, and at most

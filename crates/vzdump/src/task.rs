@@ -954,7 +954,9 @@ async fn disk_keys(
 }
 
 /// The inode table ([`vzkit_dedup::ext4scan::scan`]) of each of `disks` that is an ext2/3/4
-/// volume image file not mounted (cleanly unmounted), by member prefix.
+/// volume image file not mounted (cleanly unmounted), by member prefix: only for images on
+/// the local file systems whose image keys are trusted (not FUSE or network file systems,
+/// where another client could change the image between the scan and the walk).
 async fn disk_inodes(
     storages: &Storages,
     disks: &[crate::plan::Disk],
@@ -965,6 +967,7 @@ async fn disk_inodes(
             && let Ok((plugin, volname)) = storages.resolve(&d.mp.volume)
             && let Ok(vzkit_storage::plugin::VolumeAccess::ImageFile(path)) =
                 plugin.access(&volname, None).await
+            && vzkit_dedup::VolumeKey::of_image(&path).is_some()
             && let Ok(Ok(Some(t))) =
                 tokio::task::spawn_blocking(move || vzkit_dedup::ext4scan::scan(&path)).await
         {
