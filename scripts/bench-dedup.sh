@@ -11,20 +11,27 @@
 #   * dedup:  vzdump --storage backups --mode stop (metadata change detection), per version,
 #             plus an unchanged re-backup of version 1 (its volume image unchanged: the tree
 #             is taken over unwalked) and one more after a writable mount of the volume
-#             (which changes the image but no file: the tree is walked);
-#   * tar.zst: vzdump --storage local --compress zstd --mode stop, per version;
+#             (which changes the image but no file: the tree is guided by the volume's
+#             inode table, so hardly anything is walked);
+#   * tar.zst: vzdump --storage archives --compress zstd --mode stop, per version;
 #   * restic: restic backup of the rootfs mounted read-only, per version, plus an
 #             unchanged re-backup of version 1;
 # first backup, unchanged re-backup, 1%-change re-backup (version 2), total store size after
 # 10 versions (du of the store / repository / the 10 archives), restore of version 10
 # (pct restore for dedup and tar.zst, which includes creating and formatting the volume;
-# restic restore into a directory).
+# restic restore into a directory). Every measured step starts after a `sync` (untimed),
+# so that none pays for the write-back of the one before.
 # Targets: first backup no slower than tar.zst; unchanged <= 5% of the first; 1% change
 # <= 10%; store size <= restic's; restore no slower than from the tar.zst.
 #
+# The three repositories (the dedup store, the directory of the tar.zst archives, the restic
+# repository) share one backup file system: by default a fresh journaled ext4 on a loop
+# image, as a backup disk would be; BENCH_BACKUP_FS=scratch puts them on the file system of
+# BENCH_DIR instead (creating chunk files costs much more on an ext4 without a journal,
+# which checks every free inode it considers for recent deletion).
 # Needs root, restic, zstd, e2fsprogs, util-linux. Usage: scripts/bench-dedup.sh
-# Environment: BENCH_DIR (scratch parent, default /var/tmp). The machine should be idle:
-# the load average is printed with the results.
+# Environment: BENCH_DIR (scratch parent, default /var/tmp), BENCH_BACKUP_FS (ext4 |
+# scratch). The machine should be idle: the load average is printed with the results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +42,7 @@ export VZKIT_ROOT=$ROOT TZ=UTC RESTIC_PASSWORD=bench
 VMID=900
 STORE=$ROOT/srv/dedup
 REPO=$ROOT/srv/restic
-DUMP=$ROOT/var/lib/vz/dump
+DUMP=$ROOT/srv/dump
 
 cleanup() {
     set +e
@@ -48,11 +55,22 @@ trap cleanup EXIT
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc -l | xargs printf '%.2f'; }
 
+BACKUP_FS=${BENCH_BACKUP_FS:-ext4}
+mkdir -p "$ROOT/srv"
+if [ "$BACKUP_FS" = ext4 ]; then
+    truncate -s 16G "$ROOT/backup.img"
+    mkfs.ext4 -q -F "$ROOT/backup.img"
+    mount -o loop "$ROOT/backup.img" "$ROOT/srv"
+fi
 mkdir -p "$ROOT/etc/pve/lxc" "$STORE" "$REPO" "$DUMP"
 cat >"$ROOT/etc/pve/storage.cfg" <<CFG
 dir: local
 	path $ROOT/var/lib/vz
-	content backup,rootdir,images,vztmpl
+	content rootdir,images,vztmpl
+
+dir: archives
+	path $DUMP
+	content backup
 
 dedup: backups
 	path $STORE
@@ -109,10 +127,12 @@ change() { # version number
 }
 
 declare -A T
+# Every measured step starts with no dirty data left from the one before (sync, untimed).
 timed() { # key, log, command...
     local key=$1 log=$2 t i
     shift 2
     for i in 1 2 3; do
+        sync
         t=$(now)
         if "$@" >"$log" 2>&1; then T[$key]=$(since "$t"); return 0; fi
         echo "retrying $key: $(tail -2 "$log")" >&2
@@ -121,7 +141,7 @@ timed() { # key, log, command...
     return 1
 }
 dedup() { timed "dedup-$1" "$ROOT/dedup-$1.log" "$BIN/vzdump" "$VMID" --storage backups --mode stop; }
-tarzst() { timed "tar-$1" "$ROOT/tar-$1.log" "$BIN/vzdump" "$VMID" --storage local --compress zstd --mode stop; }
+tarzst() { timed "tar-$1" "$ROOT/tar-$1.log" "$BIN/vzdump" "$VMID" --storage archives --compress zstd --mode stop; }
 # restic reads the volume mounted read-only, as vzdump does (a writable mount would change
 # the image, and with it what the next backups find changed).
 IMAGE=$ROOT/var/lib/vz/images/$VMID/vm-$VMID-disk-0.raw
@@ -131,6 +151,7 @@ resticb() {
     mkdir -p "$RO"
     dev=$(losetup -r --find --show "$IMAGE")
     mount -o ro "$dev" "$RO"
+    sync
     t=$(now); (cd "$RO" && restic -q -r "$REPO" backup . >"$ROOT/restic-$1.log" 2>&1); T[restic-$1]=$(since "$t")
     umount "$RO"
     losetup -d "$dev"
@@ -157,21 +178,22 @@ done
 
 DEDUP_SIZE=$(du -sb --exclude=dump "$STORE" | cut -f1)
 RESTIC_SIZE=$(du -sb "$REPO" | cut -f1)
-TAR_SIZE=$(du -cb "$DUMP"/*.tar.zst | tail -1 | cut -f1)
+TAR_SIZE=$(du -cb "$DUMP"/dump/*.tar.zst | tail -1 | cut -f1)
 CHUNKS=$(find "$STORE/.chunks" -type f | wc -l)
 
 echo "== restores of version 10" >&2
-LAST_TAR=$(ls "$DUMP"/*.tar.zst | sort | tail -1)
+LAST_TAR=$(ls "$DUMP"/dump/*.tar.zst | sort | tail -1)
 LAST_SNAP=$("$BIN/pvesm" list backups --output-format json | tr ',' '\n' | sed -n 's/.*"volid":"\(backups:backup[^"]*\)".*/\1/p' | sort | tail -1)
-t=$(now); "$BIN/pct" restore 901 "local:backup/$(basename "$LAST_TAR")" --storage local >/dev/null; T[restore-tar]=$(since "$t")
-t=$(now); "$BIN/pct" restore 902 "$LAST_SNAP" --storage local >/dev/null; T[restore-dedup]=$(since "$t")
+sync; t=$(now); "$BIN/pct" restore 901 "archives:backup/$(basename "$LAST_TAR")" --storage local >/dev/null; T[restore-tar]=$(since "$t")
+sync; t=$(now); "$BIN/pct" restore 902 "$LAST_SNAP" --storage local >/dev/null; T[restore-dedup]=$(since "$t")
 mkdir -p "$ROOT/restic-restore"
-t=$(now); restic -q -r "$REPO" restore latest --target "$ROOT/restic-restore" >/dev/null; T[restore-restic]=$(since "$t")
+sync; t=$(now); restic -q -r "$REPO" restore latest --target "$ROOT/restic-restore" >/dev/null; T[restore-restic]=$(since "$t")
 
 percent() { echo "scale=1; 100 * $1 / $2" | bc -l; }
 inner() { sed -n 's/.*snapshot size .* in \([0-9.]*\)s$/\1/p' "$ROOT/dedup-$1.log" | tail -1; }
 echo
 echo "tree: $SIZE bytes, $FILES files; $(nproc) cores; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "backup file system: $BACKUP_FS ($(findmnt -no SOURCE,FSTYPE -T "$STORE" | tr '\n' ' '))"
 echo "dedup store: $CHUNKS chunk files; first backup's store write: $(inner 1)s"
 echo "chunk file bytes: $(find "$STORE/.chunks" -type f -printf '%s\n' | awk '{s+=$1} END {print s}')"
 printf '| %-32s | %12s | %12s | %12s |\n' "" "vzkit dedup" "restic" "vzdump tar.zst"
@@ -179,7 +201,7 @@ printf '|%s|%s|%s|%s|\n' "----------------------------------" "--------------" "
 printf '| %-32s | %11ss | %11ss | %11ss |\n' "first backup" "${T[dedup-1]}" "${T[restic-1]}" "${T[tar-1]}"
 printf '| %-32s | %11ss | %11ss | %12s |\n' "unchanged re-backup" "${T[dedup-1b]}" "${T[restic-1b]}" "(full)"
 printf '| %-32s | %11s%% | %11s%% | %12s |\n' "  of first backup" "$(percent "${T[dedup-1b]}" "${T[dedup-1]}")" "$(percent "${T[restic-1b]}" "${T[restic-1]}")" "-"
-printf '| %-32s | %11ss | %12s | %12s |\n' "  same, image touched (walked)" "${T[dedup-1c]}" "-" "-"
+printf '| %-32s | %11ss | %12s | %12s |\n' "  image touched, inode-guided" "${T[dedup-1c]}" "-" "-"
 printf '| %-32s | %11s%% | %12s | %12s |\n' "  of first backup" "$(percent "${T[dedup-1c]}" "${T[dedup-1]}")" "-" "-"
 printf '| %-32s | %11ss | %11ss | %11ss |\n' "1% change re-backup (version 2)" "${T[dedup-2]}" "${T[restic-2]}" "${T[tar-2]}"
 printf '| %-32s | %11s%% | %11s%% | %12s |\n' "  of first backup" "$(percent "${T[dedup-2]}" "${T[dedup-1]}")" "$(percent "${T[restic-2]}" "${T[restic-1]}")" "-"
