@@ -42,6 +42,13 @@ use crate::ext4scan::InodeTable;
 use crate::snapshot::{self, SnapshotRef, TreeSource};
 use crate::store::{LockFile, SnapshotLock, Store, Writer};
 
+/// zstd level of chunks: 1, as Proxmox Backup Server uses. Measured on the
+/// 1.23 GB benchmark tree (31,086 files, store on a journaled ext4, three
+/// rounds each): a first backup took 2.95–3.10 s and 3.05–3.25 s of user
+/// CPU at level 1 against 3.53–4.76 s and 4.14–4.31 s at level 3, for
+/// 554.3 MB of chunk files instead of 537.8 MB (3.1% more).
+pub const CHUNK_LEVEL: i32 = 1;
+
 /// How unchanged files are recognized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ChangeDetection {
@@ -76,7 +83,7 @@ pub struct BackupOptions {
     pub change_detection: ChangeDetection,
     /// Chunk size limits.
     pub chunk_sizes: ChunkSizes,
-    /// zstd level of chunks.
+    /// zstd level of chunks (default [`CHUNK_LEVEL`]).
     pub level: i32,
     /// Compressing threads (0: one per CPU).
     pub threads: usize,
@@ -101,7 +108,7 @@ impl BackupOptions {
             time: None,
             change_detection: ChangeDetection::Metadata,
             chunk_sizes: ChunkSizes::default(),
-            level: 3,
+            level: CHUNK_LEVEL,
             threads: 0,
             id_map: None,
             pack_below: ChunkSizes::default().min as u64,

@@ -5,7 +5,7 @@
 //! tree (`./etc/vzdump/pct.conf`, `./etc/vzdump/pct.fw`, then each tree),
 //! but stores it as a catalog of members ([`catalog`]) plus content-defined
 //! chunks of file data ([`chunker`]), addressed by blake3 and compressed
-//! with zstd ([`store`]). The tree is walked by `vzkit_archive`'s
+//! with zstd at level 1 ([`store`], [`backup::CHUNK_LEVEL`]). The tree is walked by `vzkit_archive`'s
 //! [`Walker`](vzkit_archive::Walker) (the same walker as tar archives:
 //! excludes, one file system, hard links, sparse files, ACLs, xattrs, id
 //! mapping) and restored by rebuilding the tar stream ([`snapshot::TarStream`])

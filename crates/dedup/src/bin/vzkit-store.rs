@@ -63,7 +63,7 @@ enum Cmd {
         #[arg(long)]
         time: Option<i64>,
         /// zstd level of chunks.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = vzkit_dedup::backup::CHUNK_LEVEL)]
         level: i32,
         /// Average chunk size in KiB (min = avg/4, max = avg*4); for measurements.
         #[arg(long, hide = true)]
