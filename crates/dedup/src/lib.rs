@@ -186,15 +186,15 @@
 //! # Performance
 //!
 //! `scripts/bench-dedup.sh` (1.23 GB container tree, 31,086 files, 10
-//! versions; 2 shared cores; three runs in README.md): first backup
-//! 4.82–5.66 s against vzdump tar.zst 4.66–6.10 s in the same runs
-//! (0.88–1.08×; CPU-bound, with about the CPU time of the tar.zst);
-//! unchanged re-backup 4.3–4.4% of the first with the tree taken over,
-//! 7.5–11.8% when walked after a writable mount; 1% change 12.6–18.0%
-//! (changed files are re-read whole, 169 MB); 572 MB after 10 versions
-//! (restic 610–621 MB); restore 0.99–1.05× the tar.zst's. Met: store size,
-//! unchanged re-backup of an untouched volume; at parity within the noise:
-//! first backup, restore; not met: 1% change (target 10%).
+//! versions; 2 cores; two runs in README.md, with the repositories on a
+//! journaled ext4 backup file system and on the VM's unjournaled root):
+//! first backup 3.73 / 4.08 s against vzdump tar.zst 3.90 / 3.66 s
+//! (medians of four); unchanged re-backup 2.4–3.7% of the first, also when
+//! the image changed (inode-guided); 1% change 10.7% / 7.3% (changed files
+//! are re-read whole, 169 MB); 588–589 MB after 10 versions (restic
+//! 613–614 MB); restore 1.09–1.14× the tar.zst's (medians of three). Met:
+//! unchanged re-backup, store size; at the target: 1% change; not met
+//! everywhere: first backup (only on the journaled file system), restore.
 
 /// How many chunk digests a backup, a verification or a collection
 /// remembers to skip repeated work (touching, checking) on chunks it has
