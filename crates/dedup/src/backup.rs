@@ -2029,26 +2029,41 @@ mod tests {
         }
         assert_eq!(got.unwrap(), one);
 
-        // A cancel while a large file is being chunked stops the backup.
+        // A cancel while a large file is being chunked stops the backup, well
+        // before the 14 s the paced reads would take.
+        let (e, took) = cancelled_backup(&store, &src, 2 << 20, Duration::from_millis(500));
+        assert!(e.contains("interrupted by signal"), "{e}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    /// A backup of `src` as group 101, paced to `bwlimit` bytes/s and
+    /// cancelled after `after`: its error and how long it ran.
+    fn cancelled_backup(
+        store: &Store,
+        src: &Path,
+        bwlimit: u64,
+        after: Duration,
+    ) -> (String, Duration) {
         let cancel = Arc::new(AtomicBool::new(false));
         let mut o = BackupOptions::new(101);
-        o.bwlimit = 2 << 20;
+        o.time = Some(1_700_000_000);
+        o.bwlimit = bwlimit;
         o.cancel = Some(Arc::clone(&cancel));
         let c = Arc::clone(&cancel);
         let stopper = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(after);
             c.store(true, Ordering::Relaxed);
         });
         let t = Instant::now();
-        let mut b = Backup::start(&store, o).unwrap();
+        let mut b = Backup::start(store, o).unwrap();
         let e = b
-            .add_tree(&src, "./", &ExcludeSet::new(), true)
+            .add_tree(src, "./", &ExcludeSet::new(), true)
             .unwrap_err()
             .to_string();
+        let took = t.elapsed();
         stopper.join().unwrap();
-        assert!(e.contains("interrupted by signal"), "{e}");
-        // Well before the 14 s the paced reads would take.
-        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        drop(b);
+        (e, took)
     }
 
     #[test]
@@ -2080,31 +2095,10 @@ mod tests {
 
         // Cancelled while paced: the backup stops with an error and its
         // temporary snapshot is removed.
-        let cancel = Arc::new(AtomicBool::new(false));
-        let mut o = BackupOptions::new(101);
-        o.time = Some(1_700_000_000);
-        o.bwlimit = 512 << 10;
-        o.cancel = Some(Arc::clone(&cancel));
-        let c = Arc::clone(&cancel);
-        let stopper = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            c.store(true, Ordering::Relaxed);
-        });
-        let t = Instant::now();
-        let mut b = Backup::start(&store, o).unwrap();
-        let e = b
-            .add_tree(&src, "./", &ExcludeSet::new(), true)
-            .unwrap_err()
-            .to_string();
-        stopper.join().unwrap();
+        let (e, took) = cancelled_backup(&store, &src, 512 << 10, Duration::from_millis(300));
         assert!(e.contains("interrupted by signal"), "{e}");
         // Well before the 3 s the paced reads would take.
-        assert!(
-            t.elapsed() < Duration::from_millis(2500),
-            "{:?}",
-            t.elapsed()
-        );
-        drop(b);
+        assert!(took < Duration::from_millis(2500), "{took:?}");
         let left: Vec<_> = std::fs::read_dir(store.group_dir(101))
             .unwrap()
             .flatten()
