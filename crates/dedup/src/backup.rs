@@ -410,7 +410,11 @@ pub struct VolumeInfo {
     /// The inode table of the file system in the image
     /// ([`crate::ext4scan::scan`]), read before it was mounted (the
     /// container stopped): directories whose inodes and all inodes below
-    /// them match the base snapshot's records are taken over unwalked.
+    /// them match the base snapshot's records are taken over unwalked. The
+    /// caller vouches that the image stays as scanned until the walk ends:
+    /// not mounted or written anywhere else (vzdump holds the container's
+    /// lock) and on a local file system where no other client can write it
+    /// (vzdump scans only images with a [`VolumeKey`]).
     pub inodes: Option<InodeTable>,
     /// Everything else the walk's result depends on: for a container,
     /// every source tree with its volume key, since a tree's walk stops
@@ -1080,36 +1084,49 @@ impl State {
     fn finish_chunks(&mut self, mut chunks: Vec<ChunkRef>) -> Result<Vec<ChunkRef>> {
         let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
         let r = ch.finish(&mut |c| self.add_chunk(c, &mut chunks));
-        self.chunker = ch;
+        // After an error the fresh chunker stays: nothing of this file is left.
+        if r.is_ok() {
+            self.chunker = ch;
+        }
         r.map(|()| chunks)
     }
 
     /// Chunk a file of at least [`PIPELINE_MIN`] bytes on a second thread
     /// while this one reads it: reading (copying from the page cache) and
     /// cutting and hashing then overlap. A chunker error stops the reads;
-    /// a read error ends the chunking.
+    /// after a read error the chunker drops what it has (an empty piece
+    /// marks the clean end of the data: the reader never sends one else).
     fn chunk_pipelined(&mut self, data: &mut FileData<'_>) -> Result<Vec<ChunkRef>> {
         let (tx, rx) = sync_channel::<Vec<u8>>(PIPELINE_DEPTH);
         let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         std::thread::scope(|sc| {
-            let chunker = sc.spawn(move || -> Result<Vec<ChunkRef>> {
-                let mut chunks = Vec::new();
-                for b in rx {
-                    if let Err(e) = self.chunk_piece(&b, &mut chunks) {
-                        self.chunker = Chunker::new(self.opts.chunk_sizes);
-                        return Err(e);
+            let chunker = std::thread::Builder::new()
+                .name("dedup-chunk".into())
+                .spawn_scoped(sc, move || -> Result<Option<Vec<ChunkRef>>> {
+                    let mut chunks = Vec::new();
+                    for b in rx {
+                        if b.is_empty() {
+                            return self.finish_chunks(chunks).map(Some);
+                        }
+                        if let Err(e) = self.chunk_piece(&b, &mut chunks) {
+                            self.chunker = Chunker::new(self.opts.chunk_sizes);
+                            return Err(e);
+                        }
+                        let _ = free_tx.send(b);
                     }
-                    let _ = free_tx.send(b);
-                }
-                self.finish_chunks(chunks)
-            });
-            let read = data.read(&mut |b| {
-                let mut v = free_rx.try_recv().unwrap_or_default();
-                v.clear();
-                v.extend_from_slice(b);
-                tx.send(v)
-                    .map_err(|_| ArchiveError::Stream(std::io::Error::other("chunking stopped")))
-            });
+                    self.chunker = Chunker::new(self.opts.chunk_sizes);
+                    Ok(None)
+                })
+                .map_err(|e| Error::io("start a chunking thread for", data.path(), e))?;
+            let stopped = || ArchiveError::Stream(std::io::Error::other("chunking stopped"));
+            let read = data
+                .read(&mut |b| {
+                    let mut v = free_rx.try_recv().unwrap_or_default();
+                    v.clear();
+                    v.extend_from_slice(b);
+                    tx.send(v).map_err(|_| stopped())
+                })
+                .and_then(|()| tx.send(Vec::new()).map_err(|_| stopped()));
             drop(tx);
             let chunked = chunker
                 .join()
@@ -1117,7 +1134,8 @@ impl State {
             match (chunked, read) {
                 (Err(e), _) => Err(e),
                 (Ok(_), Err(e)) => Err(Error::Archive(e)),
-                (Ok(chunks), Ok(())) => Ok(chunks),
+                (Ok(Some(chunks)), Ok(())) => Ok(chunks),
+                (Ok(None), Ok(())) => Err(Error::Invalid("file data ended early".into())),
             }
         })
     }
@@ -1464,7 +1482,16 @@ impl Backup {
                     .all(|d| self.state.store.chunk_is_intact(d))
             })
         };
-        let reuse = source.volume.is_some() && metadata && base_tree == Some(&source) && intact();
+        // Whole trees are taken over by image key and fingerprint; whether the
+        // base was walked with a table (`walk`) does not matter here.
+        let reuse = source.volume.is_some()
+            && metadata
+            && base_tree.is_some_and(|b| {
+                b.prefix == source.prefix
+                    && b.fingerprint == source.fingerprint
+                    && b.volume == source.volume
+            })
+            && intact();
         let guided = !reuse
             && metadata
             && volume.inodes.is_some()

@@ -54,6 +54,15 @@ impl Drop for Mounted {
     }
 }
 
+/// A loop device attached until dropped.
+struct Attached(String);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
 fn write(p: &Path, data: &[u8]) {
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(p, data).unwrap();
@@ -243,11 +252,34 @@ fn guided_backups_walk_only_changed_directories_and_equal_a_full_walk() {
         }
     }
     assert_eq!(devs.len(), 1, "{devs:?}");
+    let dev = devs.into_iter().next().unwrap();
 
     // The next backup takes over what this one walked, except the directories with
-    // files of several links: links, d10, d10/sub1, d11, d11/sub0.
+    // files of several links: links, d10, d10/sub1, d11, d11/sub0 — also when the
+    // volume is mounted from another loop device (the loop device the last backup
+    // used is held by another image meanwhile).
+    let held = format!("/dev/loop{}", rustix::fs::minor(dev));
+    let dummy = dir.path().join("dummy.img");
+    std::fs::File::create(&dummy)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let _holder = (run("losetup", &["-f"]) == held)
+        .then(|| Attached(run("losetup", &["-f", "--show", dummy.to_str().unwrap()])));
     settle();
     let again = backup(ChangeDetection::Metadata, "./", true);
+    let mut cat = vzkit_dedup::snapshot::catalog(&store, &again.snapshot).unwrap();
+    let mut again_devs = std::collections::BTreeSet::new();
+    while let Some(m) = cat.next_member().unwrap() {
+        if let Some(k) = m.key {
+            again_devs.insert(k.dev);
+        }
+    }
+    assert_eq!(again_devs.len(), 1, "{again_devs:?}");
+    assert!(
+        !again_devs.contains(&dev),
+        "mounted from the same loop device"
+    );
     assert_eq!(again.stats.dirs_reused, dirs + 2 - 5, "{:?}", again.stats);
     assert_eq!(again.stats.files_read, 0, "{:?}", again.stats);
 
