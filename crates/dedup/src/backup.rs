@@ -441,6 +441,20 @@ struct Guide {
     dirty: HashSet<Vec<u8>>,
 }
 
+/// The stat key the inode table shows for the inode of `key` (device and
+/// inode number from `key`).
+fn scanned_key(i: &crate::ext4scan::InodeInfo, key: &StatKey) -> StatKey {
+    StatKey {
+        size: i.size,
+        mtime_ns: i.mtime_ns,
+        ctime_ns: i.ctime_ns,
+        mode: i.mode,
+        uid: i.uid,
+        gid: i.gid,
+        ..*key
+    }
+}
+
 /// Directories beyond which a tree is walked without a guide (memory).
 const DIRTY_MAX: usize = 1 << 20;
 
@@ -458,18 +472,9 @@ impl Guide {
     /// kept for all members), or if the mounted tree's root (`root`, its
     /// `stat`) is not the inode the table shows.
     fn build(cat: &Path, tree: u32, table: InodeTable, root: &StatKey) -> Result<Option<Guide>> {
-        let mounted = table.get(root.ino).is_some_and(|i| {
-            let scanned = StatKey {
-                size: i.size,
-                mtime_ns: i.mtime_ns,
-                ctime_ns: i.ctime_ns,
-                mode: i.mode,
-                uid: i.uid,
-                gid: i.gid,
-                ..*root
-            };
-            same_key(root, &scanned)
-        });
+        let mounted = table
+            .get(root.ino)
+            .is_some_and(|i| same_key(root, &scanned_key(&i, root)));
         if !mounted {
             return Ok(None);
         }
@@ -530,16 +535,7 @@ impl Guide {
         !p.racy
             && k.dev == self.base_dev
             && self.table.get(k.ino).is_some_and(|i| {
-                let now = StatKey {
-                    size: i.size,
-                    mtime_ns: i.mtime_ns,
-                    ctime_ns: i.ctime_ns,
-                    mode: i.mode,
-                    uid: i.uid,
-                    gid: i.gid,
-                    ..k
-                };
-                same_key(&k, &now)
+                same_key(&k, &scanned_key(&i, &k))
                     && (p.kind == MemberKind::Directory
                         || (i.nlink == 1 && p.kind != MemberKind::HardLink))
             })

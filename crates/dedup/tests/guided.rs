@@ -146,6 +146,18 @@ fn full_walk(root: &Path) -> Vec<u8> {
     w.finish().unwrap()
 }
 
+/// The device numbers in the stat keys of a snapshot's records.
+fn key_devs(store: &Store, r: &BackupResult) -> std::collections::BTreeSet<u64> {
+    let mut cat = vzkit_dedup::snapshot::catalog(store, &r.snapshot).unwrap();
+    let mut devs = std::collections::BTreeSet::new();
+    while let Some(m) = cat.next_member().unwrap() {
+        if let Some(k) = m.key {
+            devs.insert(k.dev);
+        }
+    }
+    devs
+}
+
 fn stream(store: &Store, r: &BackupResult) -> Vec<u8> {
     let mut got = Vec::new();
     TarStream::open(store, &r.snapshot, true)
@@ -244,13 +256,7 @@ fn guided_backups_walk_only_changed_directories_and_equal_a_full_walk() {
 
     // Taken-over records get the device of the current mount, like the walked ones
     // (the next backup compares them with the root's).
-    let mut cat = vzkit_dedup::snapshot::catalog(&store, &changed.snapshot).unwrap();
-    let mut devs = std::collections::BTreeSet::new();
-    while let Some(m) = cat.next_member().unwrap() {
-        if let Some(k) = m.key {
-            devs.insert(k.dev);
-        }
-    }
+    let devs = key_devs(&store, &changed);
     assert_eq!(devs.len(), 1, "{devs:?}");
     let dev = devs.into_iter().next().unwrap();
 
@@ -268,13 +274,7 @@ fn guided_backups_walk_only_changed_directories_and_equal_a_full_walk() {
         .then(|| Attached(run("losetup", &["-f", "--show", dummy.to_str().unwrap()])));
     settle();
     let again = backup(ChangeDetection::Metadata, "./", true);
-    let mut cat = vzkit_dedup::snapshot::catalog(&store, &again.snapshot).unwrap();
-    let mut again_devs = std::collections::BTreeSet::new();
-    while let Some(m) = cat.next_member().unwrap() {
-        if let Some(k) = m.key {
-            again_devs.insert(k.dev);
-        }
-    }
+    let again_devs = key_devs(&store, &again);
     assert_eq!(again_devs.len(), 1, "{again_devs:?}");
     assert!(
         !again_devs.contains(&dev),
