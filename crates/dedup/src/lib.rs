@@ -190,15 +190,15 @@
 //! # Performance
 //!
 //! `scripts/bench-dedup.sh` (1.23 GB container tree, 31,086 files, 10
-//! versions; 2 cores; two runs in README.md, with the repositories on a
-//! journaled ext4 backup file system and on the VM's unjournaled root):
-//! first backup 3.73 / 4.08 s against vzdump tar.zst 3.90 / 3.66 s
-//! (medians of four); unchanged re-backup 2.4–3.7% of the first, also when
-//! the image changed (inode-guided); 1% change 10.7% / 7.3% (changed files
-//! are re-read whole, 169 MB); 588–589 MB after 10 versions (restic
-//! 613–614 MB); restore 1.09–1.14× the tar.zst's (medians of three). Met:
-//! unchanged re-backup, store size; at the target: 1% change; not met
-//! everywhere: first backup (only on the journaled file system), restore.
+//! versions; 2 cores; three runs in README.md, two with the repositories
+//! on a journaled ext4 backup file system, one on the VM's unjournaled
+//! root): first backup 3.29–3.73 s against vzdump tar.zst 3.69–3.90 s on
+//! the journaled file system, 4.08 against 3.66 s on the other (medians of
+//! four); unchanged re-backup 2.4–3.7% of the first, also when the image
+//! changed (inode-guided); 1% change 7.3–10.7% (changed files are re-read
+//! whole, 169 MB); 588–589 MB after 10 versions (restic 613–637 MB);
+//! restore 1.00–1.14× the tar.zst's (medians of three). Met in one run,
+//! not in every run: 1% change, first backup, restore.
 
 /// How many chunk digests a backup, a verification or a collection
 /// remembers to skip repeated work (touching, checking) on chunks it has
