@@ -13,7 +13,7 @@ use serde_json::Value;
 use vzkit_archive::{ArchiveWriter, ExcludeSet};
 
 use crate::common;
-use crate::restore::{Skips, compare_trees};
+use crate::restore::{Skips, compare_trees, mp_skips};
 
 const CONF: &[u8] =
     b"arch: amd64\nhostname: ct100\nmemory: 512\nrootfs: local:100/vm-100-disk-0.raw,size=1G\n";
@@ -632,22 +632,6 @@ fn vzdump_host(dedup_options: &str) -> vzkit_tests::TestRoot {
         "arch: amd64\nhostname: src100\nmemory: 256\nostype: debian\n",
     );
     tr
-}
-
-/// What a restore of container 100 (rootfs and a mount point at /mnt/data, both ext4
-/// volumes) may differ in from the source.
-fn mp_skips() -> Skips {
-    Skips {
-        meta: vec![
-            b"",
-            b"etc",
-            b"mnt",
-            b"mnt/data",
-            b"lost+found",
-            b"mnt/data/lost+found",
-        ],
-        extra: vec![b"etc/vzdump"],
-    }
 }
 
 /// `pvesm list backups` (JSON rows, oldest first).

@@ -318,6 +318,23 @@ fn conf_of(tr: &TestRoot, vmid: u32) -> String {
     tr.read(&format!("/etc/pve/lxc/{vmid}.conf"))
 }
 
+/// What a restore of container 100 (rootfs and a mount point at /mnt/data, both ext4
+/// volumes) may differ in from the source: each new file system has its own lost+found,
+/// and etc/vzdump is emptied by the restore.
+pub(crate) fn mp_skips() -> Skips {
+    Skips {
+        meta: vec![
+            b"",
+            b"etc",
+            b"mnt",
+            b"mnt/data",
+            b"lost+found",
+            b"mnt/data/lost+found",
+        ],
+        extra: vec![b"etc/vzdump"],
+    }
+}
+
 /// Give container 100 (its config written) a 256 MiB rootfs and a 128 MiB `backup=1` mount
 /// point at /mnt/data on `local`, holding the common fixture (without device nodes and ids
 /// beyond an unprivileged map) and a file in the mount point; `extra` runs on the mounted
@@ -379,18 +396,7 @@ fn restore_matrix_vzkit_archives() {
         .collect();
     archives.sort();
     assert_eq!(archives.len(), 4, "{archives:?}");
-    // Each new file system has its own lost+found; etc/vzdump is emptied by the restore.
-    let sk = Skips {
-        meta: vec![
-            b"",
-            b"etc",
-            b"mnt",
-            b"mnt/data",
-            b"lost+found",
-            b"mnt/data/lost+found",
-        ],
-        extra: vec![b"etc/vzdump"],
-    };
+    let sk = mp_skips();
     tr.ok("pct", &["mount", "100"]);
     let mut vmid = 400;
     for name in &archives {

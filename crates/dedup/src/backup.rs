@@ -668,19 +668,7 @@ impl State {
     /// unchanged, see [`Backup::add_volume_tree`]).
     fn copy_tree(&mut self, tree: u32) -> Result<()> {
         loop {
-            let Some(prev) = self.prev.as_mut() else {
-                return Ok(());
-            };
-            if prev.peeked.is_none() {
-                prev.peeked = prev.cat.next_member()?;
-            }
-            let Some(p) = prev.peeked.as_ref() else {
-                return Ok(());
-            };
-            if p.tree != DATA_TREE && p.tree > tree {
-                return Ok(());
-            }
-            let Some(mut m) = prev.peeked.take() else {
+            let Some(mut m) = self.next_base_if(|p| p.tree == DATA_TREE || p.tree <= tree)? else {
                 return Ok(());
             };
             if m.tree != tree {
@@ -722,24 +710,25 @@ impl State {
         }
         let mut below = member.to_vec();
         below.push(b'/');
-        loop {
-            let Some(prev) = self.prev.as_mut() else {
-                return Ok(true);
-            };
-            if prev.peeked.is_none() {
-                prev.peeked = prev.cat.next_member()?;
-            }
-            let Some(p) = prev.peeked.as_ref() else {
-                return Ok(true);
-            };
-            if p.tree != tree || !p.name.starts_with(&below) {
-                return Ok(true);
-            }
-            let Some(m) = prev.peeked.take() else {
-                return Ok(true);
-            };
+        while let Some(m) = self.next_base_if(|p| p.tree == tree && p.name.starts_with(&below))? {
             self.take_record(m, g.dev)?;
         }
+        Ok(true)
+    }
+
+    /// The base's next record if `take` accepts it; else it stays next.
+    fn next_base_if(&mut self, take: impl Fn(&Member) -> bool) -> Result<Option<Member>> {
+        let Some(prev) = self.prev.as_mut() else {
+            return Ok(None);
+        };
+        if prev.peeked.is_none() {
+            prev.peeked = prev.cat.next_member()?;
+        }
+        Ok(if prev.peeked.as_ref().is_some_and(take) {
+            prev.peeked.take()
+        } else {
+            None
+        })
     }
 
     /// Write a record taken over from the base, counting it; its key gets

@@ -932,46 +932,59 @@ async fn archive(
     Ok(out)
 }
 
-/// The member prefix and image key ([`vzkit_dedup::VolumeKey`]) of each of `disks` that is a
-/// volume image file; `None` for other volumes.
-async fn disk_keys(
-    storages: &Storages,
-    disks: &[crate::plan::Disk],
-) -> Vec<(String, Option<vzkit_dedup::VolumeKey>)> {
+/// A disk's member prefix and, for a volume image file, its path and image key.
+type DiskImage = (String, Option<(PathBuf, Option<vzkit_dedup::VolumeKey>)>);
+
+/// The member prefix, image file and image key ([`vzkit_dedup::VolumeKey`]) of each of
+/// `disks`; `None` for volumes that are not image files (and no key for images on file
+/// systems whose keys are not trusted).
+async fn disk_images(storages: &Storages, disks: &[crate::plan::Disk]) -> Vec<DiskImage> {
     let mut out = Vec::new();
     for d in disks {
-        let mut key = None;
+        let mut image = None;
         if d.mp.kind() == vzkit_runtime::conf::MountPointKind::Volume
             && let Ok((plugin, volname)) = storages.resolve(&d.mp.volume)
             && let Ok(vzkit_storage::plugin::VolumeAccess::ImageFile(path)) =
                 plugin.access(&volname, None).await
         {
-            key = vzkit_dedup::VolumeKey::of_image(&path);
+            let key = vzkit_dedup::VolumeKey::of_image(&path);
+            image = Some((path, key));
         }
-        out.push((d.member_prefix(), key));
+        out.push((d.member_prefix(), image));
     }
     out
 }
 
-/// The inode table ([`vzkit_dedup::ext4scan::scan`]) of each of `disks` that is an ext2/3/4
-/// volume image file not mounted (cleanly unmounted), by member prefix: only for images on
-/// the local file systems whose image keys are trusted (not FUSE or network file systems,
-/// where another client could change the image between the scan and the walk).
-async fn disk_inodes(
+/// The member prefix and image key of each of `images` ([`disk_images`]).
+fn image_keys(images: &[DiskImage]) -> Vec<(String, Option<vzkit_dedup::VolumeKey>)> {
+    images
+        .iter()
+        .map(|(prefix, image)| (prefix.clone(), image.as_ref().and_then(|(_, key)| *key)))
+        .collect()
+}
+
+/// The member prefix and image key of each of `disks`.
+async fn disk_keys(
     storages: &Storages,
     disks: &[crate::plan::Disk],
-) -> Vec<(String, vzkit_dedup::ext4scan::InodeTable)> {
+) -> Vec<(String, Option<vzkit_dedup::VolumeKey>)> {
+    image_keys(&disk_images(storages, disks).await)
+}
+
+/// The inode table ([`vzkit_dedup::ext4scan::scan`]) of each image of `images` that holds a
+/// cleanly unmounted ext2/3/4 file system, by member prefix: only for images with a key, on
+/// the local file systems trusted for keys (not FUSE or network file systems, where another
+/// client could change the image between the scan and the walk).
+async fn image_inodes(images: &[DiskImage]) -> Vec<(String, vzkit_dedup::ext4scan::InodeTable)> {
     let mut out = Vec::new();
-    for d in disks {
-        if d.mp.kind() == vzkit_runtime::conf::MountPointKind::Volume
-            && let Ok((plugin, volname)) = storages.resolve(&d.mp.volume)
-            && let Ok(vzkit_storage::plugin::VolumeAccess::ImageFile(path)) =
-                plugin.access(&volname, None).await
-            && vzkit_dedup::VolumeKey::of_image(&path).is_some()
-            && let Ok(Ok(Some(t))) =
+    for (prefix, image) in images {
+        if let Some((path, Some(_))) = image {
+            let path = path.clone();
+            if let Ok(Ok(Some(t))) =
                 tokio::task::spawn_blocking(move || vzkit_dedup::ext4scan::scan(&path)).await
-        {
-            out.push((d.member_prefix(), t));
+            {
+                out.push((prefix.clone(), t));
+            }
         }
     }
     out
@@ -1018,13 +1031,13 @@ async fn archive_dedup(
         _ => vzkit_dedup::ChangeDetection::Metadata,
     };
     let (keys_before, mut inodes) = if stop {
-        let keys = disk_keys(&ctx.storages, &t.plan.disks).await;
+        let images = disk_images(&ctx.storages, &t.plan.disks).await;
         let inodes = if mode == vzkit_dedup::ChangeDetection::Metadata {
-            disk_inodes(&ctx.storages, &t.plan.disks).await
+            image_inodes(&images).await
         } else {
             Vec::new()
         };
-        (keys, inodes)
+        (image_keys(&images), inodes)
     } else {
         (Vec::new(), Vec::new())
     };
