@@ -36,7 +36,7 @@ use vzkit_archive::{
 };
 
 use crate::catalog::{CatalogReader, CatalogWriter, ChunkRef, DATA_TREE, Member, walk_order};
-use crate::chunker::{ChunkSizes, Chunker};
+use crate::chunker::{ChunkSizes, Chunker, Hint};
 use crate::error::{Error, Result};
 use crate::ext4scan::InodeTable;
 use crate::snapshot::{self, SnapshotRef, TreeSource};
@@ -142,6 +142,9 @@ pub struct BackupStats {
     pub entries_reused: u64,
     /// File content bytes read.
     pub bytes_read: u64,
+    /// Bytes of changed files found still in their base chunks: hashed,
+    /// not cut (see [`crate::chunker::Hint`]).
+    pub bytes_matched: u64,
     /// Chunk references.
     pub chunks: u64,
     /// Chunks newly written.
@@ -797,17 +800,17 @@ impl State {
         self.seen.insert(d)
     }
 
-    /// Hash a chunk and queue it for writing unless known.
-    fn store_chunk(&mut self, data: &[u8]) -> Result<[u8; 32]> {
-        let d = *blake3::hash(data).as_bytes();
+    /// Queue a chunk (with its digest `d`) for writing unless known.
+    fn store_chunk(&mut self, data: &[u8], d: &[u8; 32]) -> Result<[u8; 32]> {
+        let d = *d;
         if self.see(d) && !self.store.touch_chunk(&d)? {
             self.pool.send((d, data.to_vec()))?;
         }
         Ok(d)
     }
 
-    fn add_chunk(&mut self, data: &[u8], out: &mut Vec<ChunkRef>) -> Result<()> {
-        let d = self.store_chunk(data)?;
+    fn add_chunk(&mut self, data: &[u8], d: &[u8; 32], out: &mut Vec<ChunkRef>) -> Result<()> {
+        let d = self.store_chunk(data, d)?;
         out.push(ChunkRef::whole(
             d,
             u32::try_from(data.len()).unwrap_or(u32::MAX),
@@ -818,8 +821,8 @@ impl State {
 
     /// A chunk of the pack stream: the slices of it go to the records of
     /// the files whose data it holds.
-    fn pack_chunk(&mut self, data: &[u8]) -> Result<()> {
-        let d = self.store_chunk(data)?;
+    fn pack_chunk(&mut self, data: &[u8], d: &[u8; 32]) -> Result<()> {
+        let d = self.store_chunk(data, d)?;
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let (cs, ce) = (self.pack.cut, self.pack.cut + data.len() as u64);
         self.pack.cut = ce;
@@ -863,7 +866,7 @@ impl State {
     /// Cut the pack stream here (end of the backup, or a full queue).
     fn cut_pack(&mut self) -> Result<()> {
         let mut ch = std::mem::replace(&mut self.pack.chunker, Chunker::new(self.opts.chunk_sizes));
-        let r = ch.finish(&mut |c| self.pack_chunk(c));
+        let r = ch.finish(&mut |c, d| self.pack_chunk(c, d));
         self.pack.chunker = ch;
         r?;
         // Only spans of files still being read can remain.
@@ -889,7 +892,7 @@ impl State {
         let r = data.read(&mut |b| {
             self.pack.pos += b.len() as u64;
             self.throttle(b.len())
-                .and_then(|()| ch.push(b, &mut |c| self.pack_chunk(c)))
+                .and_then(|()| ch.push(b, &mut |c, d| self.pack_chunk(c, d)))
                 .map_err(|e| {
                     let msg = e.to_string();
                     err = Some(e);
@@ -914,8 +917,8 @@ impl State {
         let mut chunks = Vec::new();
         let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
         let r = ch
-            .push(data, &mut |c| self.add_chunk(c, &mut chunks))
-            .and_then(|()| ch.finish(&mut |c| self.add_chunk(c, &mut chunks)));
+            .push(data, &mut |c, d| self.add_chunk(c, d, &mut chunks))
+            .and_then(|()| ch.finish(&mut |c, d| self.add_chunk(c, d, &mut chunks)));
         self.chunker = ch;
         r.map(|()| chunks)
     }
@@ -936,13 +939,21 @@ impl State {
         let same = unchanged(&p, key)
             && p.size == h.size
             && p.sparse.as_ref().map(|(s, r)| (*s, r.as_slice())) == h.sparse;
-        if !same {
-            return Ok(None);
+        if same && self.keep_chunks(&p.chunks)? {
+            return Ok(Some(p.chunks));
         }
-        if !self.keep_chunks(&p.chunks)? {
-            return Ok(None);
+        // A changed file chunked on its own: its base chunks guide the
+        // chunker to what is still the same (see [`Hint`]).
+        if h.size >= self.opts.pack_below
+            && h.sparse.is_none()
+            && p.sparse.is_none()
+            && p.chunks.len() > 1
+            && p.chunks.iter().all(ChunkRef::is_whole)
+        {
+            self.chunker
+                .set_hint(Hint::new(p.chunks.iter().map(|c| (c.digest, c.len))));
         }
-        Ok(Some(p.chunks))
+        Ok(None)
     }
 
     /// The whole previous entry of an unchanged file, offered before it
@@ -1060,7 +1071,7 @@ impl State {
     fn chunk_piece(&mut self, b: &[u8], chunks: &mut Vec<ChunkRef>) -> Result<()> {
         self.throttle(b.len())?;
         let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
-        let r = ch.push(b, &mut |c| self.add_chunk(c, chunks));
+        let r = ch.push(b, &mut |c, d| self.add_chunk(c, d, chunks));
         self.chunker = ch;
         r
     }
@@ -1068,7 +1079,8 @@ impl State {
     /// Cut the rest of a large file's data.
     fn finish_chunks(&mut self, mut chunks: Vec<ChunkRef>) -> Result<Vec<ChunkRef>> {
         let mut ch = std::mem::replace(&mut self.chunker, Chunker::new(self.opts.chunk_sizes));
-        let r = ch.finish(&mut |c| self.add_chunk(c, &mut chunks));
+        let r = ch.finish(&mut |c, d| self.add_chunk(c, d, &mut chunks));
+        self.stats.bytes_matched += ch.take_matched();
         // After an error the fresh chunker stays: nothing of this file is left.
         if r.is_ok() {
             self.chunker = ch;
@@ -2022,13 +2034,13 @@ mod tests {
         // one piece: "exact" shares its chunks but the last with "big".
         let mut c = Chunker::new(ChunkSizes::default());
         let mut one = Vec::new();
-        c.push::<()>(&big, &mut |x| {
-            one.push(*blake3::hash(x).as_bytes());
+        c.push::<()>(&big, &mut |_, d| {
+            one.push(*d);
             Ok(())
         })
         .unwrap();
-        c.finish::<()>(&mut |x| {
-            one.push(*blake3::hash(x).as_bytes());
+        c.finish::<()>(&mut |_, d| {
+            one.push(*d);
             Ok(())
         })
         .unwrap();
@@ -2154,5 +2166,91 @@ mod tests {
         let want = w.finish().unwrap();
         assert!(stream(&store, &second.snapshot) == want, "stream differs");
         assert_ne!(stream(&store, &first.snapshot), want);
+    }
+
+    /// The chunk digests of `name` in a snapshot.
+    fn chunk_list(store: &Store, snap: &SnapshotRef, name: &[u8]) -> Vec<[u8; 32]> {
+        let mut cat = snapshot::catalog(store, snap).unwrap();
+        while let Some(m) = cat.next_member().unwrap() {
+            if m.name == name {
+                return m.chunks.iter().map(|c| c.digest).collect();
+            }
+        }
+        panic!("no {}", String::from_utf8_lossy(name));
+    }
+
+    /// Changed large files are chunked along their base chunk lists: what is
+    /// unchanged is taken without cutting, and the chunks are those a full
+    /// re-read (`--change-detection data`) cuts.
+    #[test]
+    fn changed_large_files_take_their_unchanged_base_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let data = |n: u32, seed: u64| -> Vec<u8> {
+            let mut x = seed;
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect()
+        };
+        // One file chunked while read on a second thread, one on the walking thread.
+        let (log, blob) = (data(12 << 20, 0), data(3 << 20, 7));
+        std::fs::write(src.join("log"), &log).unwrap();
+        std::fs::write(src.join("blob"), &blob).unwrap();
+        small_tree(&src, 3);
+        let store = new_store(dir.path());
+        let backup = |time: i64, detect: ChangeDetection| {
+            let mut o = BackupOptions::new(100);
+            o.time = Some(time);
+            o.change_detection = detect;
+            let mut b = Backup::start(&store, o).unwrap();
+            b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+            b.finish().unwrap()
+        };
+        let first = backup(1_700_000_000, ChangeDetection::Metadata);
+        assert_eq!(first.stats.bytes_matched, 0);
+        // Appended to, and overwritten in the middle.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(src.join("log"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, &data(300_000, 99)).unwrap();
+        drop(f);
+        let mut blob2 = blob.clone();
+        blob2[1_000_000..1_000_100].fill(0);
+        std::fs::write(src.join("blob"), &blob2).unwrap();
+        let second = backup(1_700_000_010, ChangeDetection::Metadata);
+        // All but the chunks at the change and at the ends (both files count).
+        let unchanged = (log.len() + blob.len()) as u64;
+        assert!(
+            second.stats.bytes_matched > unchanged - 3 * (1 << 20)
+                && second.stats.bytes_matched < unchanged,
+            "{:?}",
+            second.stats
+        );
+        let third = backup(1_700_000_020, ChangeDetection::Data);
+        assert_eq!(third.stats.bytes_matched, 0);
+        for name in [&b"./log"[..], b"./blob"] {
+            let hinted = chunk_list(&store, &second.snapshot, name);
+            assert_eq!(hinted, chunk_list(&store, &third.snapshot, name));
+            let base = chunk_list(&store, &first.snapshot, name);
+            let kept = hinted.iter().filter(|d| base.contains(d)).count();
+            assert!(
+                kept + 3 >= base.len(),
+                "{kept} of {} chunks kept",
+                base.len()
+            );
+        }
+        let mut w = ArchiveWriter::new(Vec::new());
+        w.append_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        assert!(
+            stream(&store, &second.snapshot) == w.finish().unwrap(),
+            "stream differs"
+        );
     }
 }

@@ -1152,6 +1152,12 @@ async fn archive_dedup(
         st.files_reused,
         format_size(st.bytes_read)
     ));
+    if st.bytes_matched > 0 {
+        log.info(format!(
+            "{} of it still in the chunks of the changed files' last backup: hashed, not cut",
+            format_size(st.bytes_matched)
+        ));
+    }
     if st.entries_reused > 0 {
         log.info(format!(
             "{} directories and {} entries in all unchanged since the last backup by the volume's inode table: taken over without walking them",
