@@ -589,6 +589,7 @@ pub struct TarStream {
     written: u64,
     done: bool,
     strict: bool,
+    free: FreeBuffers,
     /// Files whose data could not be read (only when not strict: their
     /// content is replaced by zeros in the stream).
     pub failures: Vec<FileFailure>,
@@ -603,18 +604,56 @@ impl std::fmt::Debug for TarStream {
     }
 }
 
+/// Chunk buffers the reader is done with, for the chunk reading threads to
+/// reuse: fresh buffers for every chunk cost allocating and faulting in
+/// memory. At most [`FREE_MAX`] are kept.
+#[derive(Clone, Default)]
+struct FreeBuffers(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+/// Buffers kept for reuse (each holds one chunk, at most 1 MiB by default).
+const FREE_MAX: usize = 32;
+
+impl FreeBuffers {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default()
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        if b.capacity() >= 64 << 10
+            && let Ok(mut f) = self.0.lock()
+            && f.len() < FREE_MAX
+        {
+            f.push(b);
+        }
+    }
+}
+
 /// The data of each reference, in order; a chunk referred to by
 /// consecutive references (small files packed into it) is read once.
-fn read_slices(store: &Store, refs: &[crate::catalog::ChunkRef]) -> Batch {
+fn read_slices(
+    store: &Store,
+    refs: &[crate::catalog::ChunkRef],
+    comp: &mut Vec<u8>,
+    free: &FreeBuffers,
+) -> Batch {
     let mut out = Vec::with_capacity(refs.len());
     let mut i = 0;
     while i < refs.len() {
         let d = refs[i].digest;
         let j = i + refs[i..].iter().take_while(|r| r.digest == d).count();
-        match store.read_chunk(&d, refs[i].len) {
-            Ok(data) if j == i + 1 && refs[i].is_whole() => out.push(Ok(data)),
-            Ok(data) => out.extend(refs[i..j].iter().map(|r| Ok(r.slice(&data).to_vec()))),
+        let mut data = free.take();
+        match store.read_chunk_into(&d, refs[i].len, comp, &mut data) {
+            Ok(()) if j == i + 1 && refs[i].is_whole() => out.push(Ok(data)),
+            Ok(()) => {
+                out.extend(refs[i..j].iter().map(|r| Ok(r.slice(&data).to_vec())));
+                free.give(data);
+            }
             Err(e) => {
+                free.give(data);
                 let message = match e {
                     Error::BadChunk { message, .. } => message,
                     e => e.to_string(),
@@ -718,17 +757,20 @@ impl TarStream {
         let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<ChunkJob>(READ_AHEAD);
         let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
         let workers = std::thread::available_parallelism().map_or(2, usize::from);
+        let free = FreeBuffers::default();
         for _ in 0..workers {
             let job_rx = std::sync::Arc::clone(&job_rx);
             let store = store.clone();
+            let free = free.clone();
             std::thread::spawn(move || {
+                let mut comp = Vec::new();
                 loop {
                     let job = match job_rx.lock() {
                         Ok(r) => r.recv(),
                         Err(_) => return,
                     };
                     let Ok((refs, tx)) = job else { return };
-                    let _ = tx.send(read_slices(&store, &refs));
+                    let _ = tx.send(read_slices(&store, &refs, &mut comp, &free));
                 }
             });
         }
@@ -743,6 +785,7 @@ impl TarStream {
             written: 0,
             done: false,
             strict,
+            free,
             failures: Vec::new(),
         })
     }
@@ -774,9 +817,11 @@ impl TarStream {
                                 Err(Error::Invalid("chunk reader stopped".into()))
                             });
                             match res {
-                                Ok(mut d) => {
-                                    d.resize(d.len() + pad, 0);
+                                Ok(d) => {
                                     self.queue.push_back(d);
+                                    if pad > 0 {
+                                        self.queue.push_back(vec![0; pad]);
+                                    }
                                 }
                                 Err(e) => {
                                     if self.strict {
@@ -812,7 +857,7 @@ impl Read for TarStream {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos >= self.buf.len() {
             if let Some(b) = self.queue.pop_front() {
-                self.buf = b;
+                self.free.give(std::mem::replace(&mut self.buf, b));
                 self.pos = 0;
                 continue;
             }

@@ -267,12 +267,29 @@ impl Store {
     /// `BadChunk` if it is missing, cannot be decompressed or does not
     /// match its digest or length.
     pub fn read_chunk(&self, d: &[u8; 32], len: u32) -> Result<Vec<u8>> {
+        let mut data = Vec::new();
+        self.read_chunk_into(d, len, &mut Vec::new(), &mut data)?;
+        Ok(data)
+    }
+
+    /// [`Store::read_chunk`] into `data`, with `comp` for the compressed
+    /// bytes: buffers reused from chunk to chunk save allocating and
+    /// faulting in fresh memory for each.
+    ///
+    /// # Errors
+    /// As [`Store::read_chunk`].
+    pub fn read_chunk_into(
+        &self,
+        d: &[u8; 32],
+        len: u32,
+        comp: &mut Vec<u8>,
+        data: &mut Vec<u8>,
+    ) -> Result<()> {
         let bad = |m: String| Error::BadChunk {
             digest: hex(d),
             message: m,
         };
         let p = self.chunk_path(d);
-        let mut comp = Vec::new();
         let mut f = match File::open(&p) {
             Ok(f) => f,
             // Being checked by a garbage collection right now.
@@ -280,17 +297,18 @@ impl Store {
                 .map_err(|_| bad(format!("cannot read '{}': {e}", p.display())))?,
             Err(e) => return Err(bad(format!("cannot read '{}': {e}", p.display()))),
         };
-        f.read_to_end(&mut comp)
+        comp.clear();
+        f.read_to_end(comp)
             .map_err(|e| bad(format!("cannot read '{}': {e}", p.display())))?;
-        let data =
-            decompress(&comp, len as usize).map_err(|e| bad(format!("cannot decompress: {e}")))?;
+        decompress_into(comp, len as usize, data)
+            .map_err(|e| bad(format!("cannot decompress: {e}")))?;
         if data.len() != len as usize {
             return Err(bad(format!("length {} instead of {len}", data.len())));
         }
-        if blake3::hash(&data).as_bytes() != d {
+        if blake3::hash(data).as_bytes() != d {
             return Err(bad("content does not match its digest".into()));
         }
-        Ok(data)
+        Ok(())
     }
 
     /// The list of chunks verification found damaged or missing
@@ -495,15 +513,28 @@ pub fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
 /// # Errors
 /// zstd errors, output larger than `capacity`.
 pub fn decompress(comp: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    decompress_into(comp, capacity, &mut out)?;
+    Ok(out)
+}
+
+/// [`decompress`] into `out`, replacing what it held (its capacity, at
+/// least `capacity`, bounds the output).
+///
+/// # Errors
+/// zstd errors, output larger than `out`'s capacity.
+pub fn decompress_into(comp: &[u8], capacity: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
             *d = Some(zstd::bulk::Decompressor::new()?);
         }
-        match d.as_mut() {
-            Some(z) => z.decompress(comp, capacity),
-            None => Err(std::io::Error::other("no decompression context")),
-        }
+        let Some(z) = d.as_mut() else {
+            return Err(std::io::Error::other("no decompression context"));
+        };
+        out.clear();
+        out.reserve(capacity);
+        z.decompress_to_buffer(comp, out).map(|_| ())
     })
 }
 
