@@ -62,6 +62,12 @@
 //! [`ChangeDetection::Data`] every file is read; unchanged regions of
 //! changed files still deduplicate through content-defined chunking.
 //!
+//! A changed file chunked on its own (64 KiB or more, not sparse) is read
+//! whole, but cut along its chunk list in the base snapshot
+//! ([`chunker::Hint`]): where its data still holds a base chunk and the one
+//! after it, the chunk is taken after a blake3 instead of the cut search,
+//! giving the same chunks as cutting (metadata change detection only).
+//!
 //! # Unchanged volumes (whole trees)
 //!
 //! A tree mounted from a volume image file ([`Backup::add_volume_tree`]:

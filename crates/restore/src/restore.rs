@@ -613,6 +613,8 @@ async fn extract_archive(
 ) -> Result<ExtractReport> {
     let id_map = archive_id_map(conf)?;
     let opts = ExtractOptions::pve_restore(id_map, req.ignore_unpack_errors);
+    // The volumes are written back while the extraction runs, not all at the unmount.
+    let _flush = crate::flush::Flusher::start(root, crate::flush::INTERVAL);
     if let Some(p) = path.filter(|p| is_dedup_snapshot(p)) {
         return extract_dedup(p, root, opts, log).await;
     }
