@@ -157,8 +157,8 @@ pub fn advanced_plan(mp_param: &[(String, String)]) -> Result<DiskPlan> {
 ///
 /// # Errors
 /// PVE's messages: "rootfs configuration could not be recovered, please check and specify
-/// manually!", "unable to detect disk size - please specify <key> (size)", "restoring rootfs
-/// to <type> mount is only possible by specifying -rootfs manually!".
+/// manually!", "unable to detect disk size - please specify `<key>` (size)", "restoring rootfs
+/// to `<type>` mount is only possible by specifying -rootfs manually!".
 pub fn simple_plan(backup: &CtConfig, storage: &str) -> Result<DiskPlan> {
     let mut plan = DiskPlan::default();
     let mps = backup.main.mountpoints()?;

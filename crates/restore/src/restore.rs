@@ -129,7 +129,7 @@ struct Created {
 ///
 /// # Errors
 /// Refusals before anything changed ("CT N already exists", parameter and storage errors),
-/// and "unable to restore CT N - <what failed>" (or "unable to create CT N - …") after a
+/// and "unable to restore CT N - `<what failed>`" (or "unable to create CT N - …") after a
 /// failure that was cleaned up.
 pub async fn run(storages: &Storages, req: &Request, log: Log<'_>) -> Result<Outcome> {
     if req.start {
