@@ -21,7 +21,7 @@
 # (pct restore for dedup and tar.zst, which includes creating and formatting the volume;
 # restic restore into a directory). Every measured step starts after a `sync` (untimed),
 # so that none pays for the write-back of the one before. First backups and restores of
-# dedup and tar.zst are repeated (BENCH_ROUNDS, default 3, alternating which goes first)
+# dedup and tar.zst are repeated (BENCH_ROUNDS, default 5, alternating which goes first)
 # and reported as medians; the unchanged and 1% change ratios are to the median first
 # backup.
 # Targets: first backup no slower than tar.zst; unchanged <= 5% of the first; 1% change
@@ -161,7 +161,7 @@ resticb() {
 }
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR] = $1} END {printf "%.2f", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-5}
 # First backups vary more between runs than the two tools differ: ROUNDS extra first
 # backups of each into an empty store / archive directory, alternating which goes first;
 # the first backup reported is the median of these and version 1's.
