@@ -267,6 +267,9 @@ struct PrevCursor {
     /// The previous snapshot was walked with the same id map: its whole
     /// entries (owners, ACLs, capabilities as mapped) may be reused.
     same_id_map: bool,
+    /// The previous snapshot's file data was cut with the same sizes: its
+    /// chunk lists may guide the chunking of changed files.
+    same_chunking: bool,
     /// The entry last looked up for a file offered unopened and not
     /// reused (looked up again when the file is read).
     held: Option<Member>,
@@ -924,7 +927,8 @@ impl State {
     }
 
     /// The previous chunk list of an unchanged file, with every chunk
-    /// touched; `None` if the file must be read.
+    /// touched; `None` if the file must be read (then the chunk list of a
+    /// file chunked on its own guides its chunking, see [`Hint`]).
     fn reusable(&mut self, h: &MemberHeader<'_>, key: &StatKey) -> Result<Option<Vec<ChunkRef>>> {
         if self.opts.change_detection == ChangeDetection::Data {
             return Ok(None);
@@ -944,7 +948,9 @@ impl State {
         }
         // A changed file chunked on its own: its base chunks guide the
         // chunker to what is still the same (see [`Hint`]).
-        if h.size >= self.opts.pack_below
+        let same_chunking = self.prev.as_ref().is_some_and(|b| b.same_chunking);
+        if same_chunking
+            && h.size >= self.opts.pack_below
             && h.sparse.is_none()
             && p.sparse.is_none()
             && p.chunks.len() > 1
@@ -1287,6 +1293,7 @@ impl Backup {
                     cat: CatalogReader::open(&p.snapshot.path(store).join(snapshot::CATALOG))?,
                     peeked: None,
                     same_id_map: man.id_map == Some(snapshot::id_map_name(opts.id_map.as_ref())),
+                    same_chunking: man.chunking == Some(opts.chunk_sizes.name()),
                     held: None,
                     suspect: store.bad_chunks()?,
                 })
@@ -1511,6 +1518,7 @@ impl Backup {
                 cat: CatalogReader::open(p)?,
                 peeked: None,
                 same_id_map: false,
+                same_chunking: false,
                 held: None,
                 suspect: HashSet::new(),
             }),
@@ -1616,6 +1624,7 @@ impl Backup {
             &self.state.stats,
             snapshot::id_map_name(self.state.opts.id_map.as_ref()),
             std::mem::take(&mut self.state.trees),
+            self.state.opts.chunk_sizes.name(),
         )?;
         self.state.store.sync()?;
         let final_dir = self.snap.path(&self.state.store);
@@ -1985,6 +1994,7 @@ mod tests {
             cat: CatalogReader::open(&cat).unwrap(),
             peeked: None,
             same_id_map: false,
+            same_chunking: false,
             held: None,
             suspect: HashSet::new(),
         };

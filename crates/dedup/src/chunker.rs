@@ -22,6 +22,16 @@ pub struct ChunkSizes {
     pub max: usize,
 }
 
+impl ChunkSizes {
+    /// The algorithm and sizes, as recorded in a snapshot's manifest: a
+    /// base chunk list guides the chunking ([`Hint`]) only if it was cut
+    /// the same way.
+    #[must_use]
+    pub fn name(&self) -> String {
+        format!("fastcdc-2020/{}/{}/{}", self.min, self.avg, self.max)
+    }
+}
+
 impl Default for ChunkSizes {
     /// 64 KiB / 256 KiB / 1 MiB (see the crate docs for the measurements).
     fn default() -> Self {
@@ -53,9 +63,9 @@ pub type Digest = [u8; 32];
 /// window again: the search now cuts at the same place. Taking starts at the
 /// data's start and, after a cut, at the base chunk following one with the
 /// cut chunk's digest, so that regions that moved are found again. A base
-/// cut with other chunk sizes can only give other cut points (chunks outside
-/// `min..=max` are never taken); the data is always the data read, checked by
-/// its digest.
+/// cut with other chunk sizes would give other cut points (never wrong data:
+/// every chunk is the data read, named by its digest). The backup therefore gives a hint only from a base cut with
+/// the same sizes ([`ChunkSizes::name`] in its manifest).
 #[derive(Debug, Clone)]
 pub struct Hint {
     /// Digest and length of each base chunk.
@@ -375,8 +385,20 @@ mod tests {
         let mut prepended = pseudo_random(5000, 12);
         prepended.extend_from_slice(&base);
         let other = pseudo_random(n, 13);
-        let cases: [(&str, &[u8], u64); 8] = [
+        // One byte changed: the first of a chunk, which decided the cut before it.
+        let starts: Vec<usize> = chunked(&base, 1 << 20, None)
+            .0
+            .iter()
+            .scan(0, |at, (c, _)| {
+                *at += c.len();
+                Some(*at)
+            })
+            .collect();
+        let mut at_cut = base.clone();
+        at_cut[starts[20]] ^= 0xff;
+        let cases: [(&str, &[u8], u64); 9] = [
             // (case, data now, bytes that must be taken at least)
+            ("byte at a cut", &at_cut, n as u64 - 7 * 65536),
             ("unchanged", &base, n as u64 - 2 * 65536),
             ("overwritten", &overwritten, n as u64 - 7 * 65536),
             ("appended", &appended, n as u64 - 3 * 65536),
@@ -397,6 +419,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Repeated chunks (a base of one block many times) are taken in any
+    /// order without changing the result.
+    #[test]
+    fn repeated_base_chunks_give_the_same_chunks() {
+        let block = pseudo_random(100_000, 30);
+        let base: Vec<u8> = block.iter().copied().cycle().take(2_000_000).collect();
+        let mut now = base.clone();
+        now.splice(700_000..700_000, pseudo_random(3333, 31));
+        now.truncate(1_900_000);
+        let plain = chunked(&now, 50_000, None).0;
+        let (hinted, matched) = chunked(&now, 50_000, Some(hint_of(&base)));
+        assert!(hinted == plain, "other chunks");
+        assert!(matched > 1_000_000, "{matched} bytes taken");
     }
 
     /// Near the end of the data the search window is short: the chunks are

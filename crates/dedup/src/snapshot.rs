@@ -128,6 +128,10 @@ pub struct Manifest {
     /// The source trees in order (missing in snapshots of older versions).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trees: Vec<TreeSource>,
+    /// How file data was cut ([`crate::chunker::ChunkSizes::name`]; missing
+    /// in snapshots of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunking: Option<String>,
 }
 
 /// A source tree of a snapshot, as the next backup compares it to reuse
@@ -189,6 +193,7 @@ pub(crate) fn write_manifest(
     stats: &BackupStats,
     id_map: String,
     trees: Vec<TreeSource>,
+    chunking: String,
 ) -> Result<()> {
     let mut files = Vec::new();
     for p in parts {
@@ -208,6 +213,7 @@ pub(crate) fn write_manifest(
         stats: serde_json::to_value(stats).unwrap_or_default(),
         id_map: Some(id_map),
         trees,
+        chunking: Some(chunking),
     };
     let p = dir.join(MANIFEST);
     let text = serde_json::to_vec_pretty(&m).unwrap_or_default();

@@ -33,6 +33,9 @@ pub struct MountInfo {
     pub options: String,
     /// `major:minor` of the filesystem.
     pub dev: String,
+    /// The directory of the file system mounted here (`/` unless a bind mount of a
+    /// directory or a subvolume).
+    pub root: String,
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, …).
@@ -73,6 +76,7 @@ pub fn parse_mountinfo(text: &str) -> Result<Vec<MountInfo>, String> {
         match sep {
             Some(sep) if sep >= 6 && fields.len() >= sep + 3 => res.push(MountInfo {
                 dev: fields[2].to_string(),
+                root: unescape_mountinfo(fields[3]),
                 mount_point: PathBuf::from(unescape_mountinfo(fields[4])),
                 options: fields[5].to_string(),
                 fstype: fields[sep + 1].to_string(),
@@ -289,16 +293,19 @@ mod tests {
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
 35 22 7:0 / /var/lib/lxc/100/rootfs rw,relatime shared:2 - ext4 /dev/loop0 rw,acl
 36 35 0:40 / /mnt/with\\040space rw - tmpfs none rw
+37 35 254:0 /var/lib/vz/images/100/subvol-100-disk-1 /var/lib/lxc/100/rootfs/mnt rw - ext4 /dev/vda rw
 ";
 
     #[test]
     fn parses_mountinfo_with_escapes() {
         let m = parse_mountinfo(MOUNTINFO).unwrap();
-        assert_eq!(m.len(), 3);
+        assert_eq!(m.len(), 4);
         assert_eq!(m[1].mount_point, Path::new("/var/lib/lxc/100/rootfs"));
         assert_eq!(m[1].source, "/dev/loop0");
         assert_eq!(m[1].fstype, "ext4");
+        assert_eq!(m[1].root, "/");
         assert_eq!(m[2].mount_point, Path::new("/mnt/with space"));
+        assert_eq!(m[3].root, "/var/lib/vz/images/100/subvol-100-disk-1");
         assert!(parse_mountinfo("garbage\n").is_err());
     }
 

@@ -1154,7 +1154,7 @@ async fn archive_dedup(
     ));
     if st.bytes_matched > 0 {
         log.info(format!(
-            "{} of it still in the chunks of the changed files' last backup: hashed, not cut",
+            "{} of it still in the chunks of the files' last backup: hashed, not cut",
             format_size(st.bytes_matched)
         ));
     }
