@@ -16,16 +16,19 @@
 //! | [`lzop`] | the lzop file format over LZO1X |
 //! | [`header`] | tar header and PAX record encoding (format notes) |
 //! | [`writer`] | [`ArchiveWriter`]: stream a directory tree into tar |
+//! | [`direct`] | file data read straight from a loop-mounted volume image |
 //! | [`reader`] | [`ArchiveReader`], [`find_member`]: stream members |
-//! | [`extract`] | [`extract()`]: safe extraction with id mapping |
+//! | [`mod@extract`] | [`extract()`]: safe extraction with id mapping |
 //! | [`exclude`] | GNU tar exclude pattern semantics |
 //! | [`acl`] | POSIX ACL text ↔ xattr, file capability mapping |
 //! | [`idmap`] | container ↔ host id ranges |
 //!
-//! No `unsafe` code: all system calls go through rustix.
+//! No `unsafe` code: system calls go through rustix (and the extent map through the
+//! `fiemap` crate).
 
 pub mod acl;
 pub mod compress;
+pub mod direct;
 pub mod error;
 pub mod exclude;
 pub mod extract;

@@ -52,6 +52,7 @@ pub struct Prefetcher<'a> {
     advised: u64,
     want: Option<&'a mut WantData<'a>>,
     skip: Option<&'a mut SkipEntry<'a>>,
+    direct: Option<&'a crate::direct::DirectImage>,
 }
 
 impl std::fmt::Debug for Prefetcher<'_> {
@@ -83,6 +84,7 @@ impl<'a> Prefetcher<'a> {
             advised: consumed.load(Ordering::Relaxed),
             want: None,
             skip: None,
+            direct: None,
         }
     }
 
@@ -100,6 +102,19 @@ impl<'a> Prefetcher<'a> {
     pub fn with_skip(mut self, skip: &'a mut SkipEntry<'a>) -> Self {
         self.skip = Some(skip);
         self
+    }
+
+    /// Read ahead from the image the walker reads the files of its file system from
+    /// ([`crate::Walker::set_direct`]), not through the mount.
+    #[must_use]
+    pub fn with_direct(mut self, direct: Option<&'a crate::direct::DirectImage>) -> Self {
+        self.direct = direct;
+        self
+    }
+
+    /// As [`Prefetcher::with_direct`], for the next trees.
+    pub fn set_direct(&mut self, direct: Option<&'a crate::direct::DirectImage>) {
+        self.direct = direct;
     }
 
     /// Walk the tree at `dir` whose members are named under `prefix` (as
@@ -206,18 +221,28 @@ impl<'a> Prefetcher<'a> {
         };
         let size = u64::try_from(st.st_size).unwrap_or(0);
         let allocated = u64::try_from(st.st_blocks).unwrap_or(0) * 512;
+        let file = std::fs::File::from(fd);
+        let direct = self
+            .direct
+            .filter(|d| d.dev() == st.st_dev)
+            .and_then(|d| Some((d, d.map(&file, size)?)));
         let mut off = 0;
         while off < size {
             if !self.wait_for_room() {
                 return false;
             }
             let piece = PIECE.min(size - off);
-            let _ = rustix::fs::fadvise(
-                &fd,
-                off,
-                std::num::NonZeroU64::new(piece),
-                rustix::fs::Advice::WillNeed,
-            );
+            match &direct {
+                Some((d, map)) => d.advise(map, off, piece),
+                None => {
+                    let _ = rustix::fs::fadvise(
+                        &file,
+                        off,
+                        std::num::NonZeroU64::new(piece),
+                        rustix::fs::Advice::WillNeed,
+                    );
+                }
+            }
             // Account allocated bytes, so that holes do not count as work ahead.
             self.advised += piece.min(allocated.saturating_sub(off));
             off += piece;

@@ -56,6 +56,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, SeekFrom};
 
 use crate::acl::{self, Acl};
+use crate::direct::{DirectImage, ExtentMap};
 use crate::error::{ArchiveError, Result};
 use crate::exclude::ExcludeSet;
 use crate::fsutil::{Meta, XattrTarget, proc_path};
@@ -104,6 +105,8 @@ pub struct Stats {
     pub files_read: u64,
     /// File content bytes read from the tree.
     pub bytes_read: u64,
+    /// Of which read straight from the volume image ([`Walker::set_direct`]).
+    pub bytes_direct: u64,
     /// What GNU tar would warn about (file changed or vanished while read,
     /// unrepresentable capability); at most 1000 are kept.
     pub warnings: Vec<String>,
@@ -126,6 +129,7 @@ impl Stats {
         self.data_bytes += o.data_bytes;
         self.files_read += o.files_read;
         self.bytes_read += o.bytes_read;
+        self.bytes_direct += o.bytes_direct;
         for w in &o.warnings {
             self.warn(w.clone());
         }
@@ -270,6 +274,8 @@ pub struct Reused {
 #[derive(Debug)]
 pub struct FileData<'a> {
     file: &'a File,
+    /// Read from the volume image instead (see [`crate::direct`]).
+    direct: Option<(&'a DirectImage, ExtentMap)>,
     regions: &'a [SparseRegion],
     path: &'a Path,
     buf: &'a mut Vec<u8>,
@@ -306,7 +312,11 @@ impl FileData<'_> {
                     let n = if self.short {
                         0
                     } else {
-                        match self.file.read_at(&mut buf[..want], off) {
+                        let got = match &self.direct {
+                            Some((image, map)) => image.read_at(map, &mut buf[..want], off),
+                            None => self.file.read_at(&mut buf[..want], off),
+                        };
+                        match got {
                             Ok(n) => n,
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                             Err(e) => return Err(ArchiveError::fs("read", self.path, e)),
@@ -335,6 +345,8 @@ impl FileData<'_> {
 /// members to a [`TreeSink`]. Hard-link state is kept across walks.
 pub struct Walker {
     id_map: Option<IdMap>,
+    /// File data of this file system is read from its image.
+    direct: Option<DirectImage>,
     /// (dev, ino) → (first member name, links still to come)
     links: HashMap<(u64, u64), (Vec<u8>, u64)>,
     buf: Vec<u8>,
@@ -362,9 +374,16 @@ impl Walker {
     pub fn new(id_map: Option<IdMap>) -> Self {
         Walker {
             id_map,
+            direct: None,
             links: HashMap::new(),
             buf: Vec::new(),
         }
+    }
+
+    /// Read the data of files on the file system of `direct` from its image file
+    /// (see [`crate::direct`]) until set again; `None` reads through the mount.
+    pub fn set_direct(&mut self, direct: Option<DirectImage>) {
+        self.direct = direct;
     }
 
     /// Walk the tree at `src` under `member_prefix` (`"./"` for a rootfs,
@@ -823,8 +842,15 @@ impl Walker {
             offset: 0,
             length: st.size,
         }];
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|d| d.dev() == st.dev)
+            .and_then(|d| Some((d, d.map(&file, st.size)?)));
+        let is_direct = direct.is_some();
         let mut data = FileData {
             file: &file,
+            direct,
             regions: regions.as_deref().unwrap_or(&whole),
             path: &src.path,
             buf: &mut self.buf,
@@ -843,6 +869,9 @@ impl Walker {
             stats.files_read += 1;
         }
         stats.bytes_read += data.read_bytes;
+        if is_direct {
+            stats.bytes_direct += data.read_bytes;
+        }
         stats.data_bytes += data_size;
         Ok(())
     }
@@ -965,6 +994,11 @@ impl<W: Write> ArchiveWriter<W> {
     #[must_use]
     pub fn bytes_written(&self) -> u64 {
         self.tar.written
+    }
+
+    /// Read file data of the next trees from a volume image ([`Walker::set_direct`]).
+    pub fn set_direct(&mut self, direct: Option<DirectImage>) {
+        self.walker.set_direct(direct);
     }
 
     /// Append a regular file member with the given content, owned by 0:0

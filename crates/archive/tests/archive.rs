@@ -5,6 +5,8 @@ mod common;
 
 #[path = "archive/compression.rs"]
 mod compression;
+#[path = "archive/direct.rs"]
+mod direct;
 #[path = "archive/hostile.rs"]
 mod hostile;
 #[path = "archive/idshift.rs"]

@@ -28,6 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use vzkit_archive::direct::DirectImage;
 use vzkit_archive::header::{self, MemberHeader};
 use vzkit_archive::prefetch::{Prefetcher, StopOnDrop};
 use vzkit_archive::writer::trailer;
@@ -142,6 +143,9 @@ pub struct BackupStats {
     pub entries_reused: u64,
     /// File content bytes read.
     pub bytes_read: u64,
+    /// Of the bytes read, those read straight from the volume image
+    /// ([`VolumeInfo::image`]).
+    pub bytes_direct: u64,
     /// Bytes of changed files found still in their base chunks: hashed,
     /// not cut (see [`crate::chunker::Hint`]).
     pub bytes_matched: u64,
@@ -429,6 +433,12 @@ pub struct VolumeInfo {
     /// The layout of the trees: every source tree's member prefix
     /// (without volume keys).
     pub layout: String,
+    /// The image file the tree's file system is mounted from (read-only,
+    /// through a loop device). With an inode table (so the file system was
+    /// cleanly unmounted before), file data is read straight from the image
+    /// ([`vzkit_archive::direct`]): one copy less than through the loop
+    /// device.
+    pub image: Option<PathBuf>,
 }
 
 /// Which entries of a tree a walk may take over from the base snapshot
@@ -1525,6 +1535,7 @@ impl Backup {
             None => None,
         };
         self.state.guide = None;
+        let has_table = volume.inodes.is_some();
         if guided && let (Some(cat), Some(table)) = (&self.state.base_catalog, volume.inodes) {
             let root = rustix::fs::stat(src).map_err(|e| Error::io("stat", src, e.into()))?;
             self.state.guide =
@@ -1533,6 +1544,12 @@ impl Backup {
         let guide = self.state.guide.clone();
         let consumed = Arc::clone(&self.state.consumed);
         let done = AtomicBool::new(false);
+        let direct = volume
+            .image
+            .filter(|_| has_table)
+            .and_then(|p| std::fs::File::open(p).ok())
+            .and_then(|f| DirectImage::new(f, src));
+        self.walker.set_direct(direct.clone());
         let (walker, state) = (&mut self.walker, &mut self.state);
         let st = std::thread::scope(|scope| {
             let _ = std::thread::Builder::new()
@@ -1562,15 +1579,18 @@ impl Backup {
                     Prefetcher::new(excludes, &consumed, &done, PREFETCH_WINDOW)
                         .with_filter(&mut want)
                         .with_skip(&mut skip)
+                        .with_direct(direct.as_ref())
                         .run_tree(src, member_prefix);
                 });
             let _stop = StopOnDrop(&done);
             walker.walk(src, member_prefix, excludes, one_file_system, state)
         });
         self.state.guide = None;
+        self.walker.set_direct(None);
         let st = st?;
         self.state.tree += 1;
         self.state.stats.bytes_read += st.bytes_read;
+        self.state.stats.bytes_direct += st.bytes_direct;
         for w in &st.warnings {
             self.state.stats.warnings.push(w.clone());
         }

@@ -158,6 +158,10 @@ fn key_devs(store: &Store, r: &BackupResult) -> std::collections::BTreeSet<u64> 
     devs
 }
 
+/// The tests of this file take turns: one of them forces a backup onto another loop
+/// device than the one before.
+static LOOP_DEVICES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn stream(store: &Store, r: &BackupResult) -> Vec<u8> {
     let mut got = Vec::new();
     TarStream::open(store, &r.snapshot, true)
@@ -170,6 +174,9 @@ fn stream(store: &Store, r: &BackupResult) -> Vec<u8> {
 #[test]
 #[ignore = "needs root: loop devices"]
 fn guided_backups_walk_only_changed_directories_and_equal_a_full_walk() {
+    let _turn = LOOP_DEVICES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vm-100-disk-0.raw");
     let mnt = dir.path().join("mnt");
@@ -270,8 +277,13 @@ fn guided_backups_walk_only_changed_directories_and_equal_a_full_walk() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let _holder = (run("losetup", &["-f"]) == held)
-        .then(|| Attached(run("losetup", &["-f", "--show", dummy.to_str().unwrap()])));
+    // Held by the dummy image; if that fails, something else holds it.
+    let _holder = Command::new("losetup")
+        .args([held.as_str(), dummy.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success()
+        .then(|| Attached(held.clone()));
     settle();
     let again = backup(ChangeDetection::Metadata, "./", true);
     let again_devs = key_devs(&store, &again);
@@ -313,4 +325,118 @@ fn guided_backups_walk_only_changed_directories_and_equal_a_full_walk() {
     let data = backup(ChangeDetection::Data, "./", true);
     assert_eq!(data.stats.dirs_reused, 0, "{:?}", data.stats);
     assert_eq!(data.stats.files_read, data.stats.files, "{:?}", data.stats);
+}
+
+/// Files of every layout: fragmented, sparse, preallocated (unwritten extents), with a
+/// hole at the end, empty, small.
+fn build_layouts(root: &Path) {
+    use std::io::{Seek, SeekFrom, Write};
+    let pattern = |n: usize, k: u32| -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_add(k).wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    };
+    // Two files written in turns, 64 KiB at a time: many extents each.
+    let (mut a, mut b) = (
+        std::fs::File::create(root.join("frag-a")).unwrap(),
+        std::fs::File::create(root.join("frag-b")).unwrap(),
+    );
+    for i in 0..64 {
+        a.write_all(&pattern(65536, i)).unwrap();
+        a.sync_all().unwrap();
+        b.write_all(&pattern(65536, 1000 + i)).unwrap();
+        b.sync_all().unwrap();
+    }
+    let mut s = std::fs::File::create(root.join("sparse")).unwrap();
+    for off in [0u64, 3 << 20, 9 << 20] {
+        s.seek(SeekFrom::Start(off)).unwrap();
+        s.write_all(&pattern(300_000, off as u32)).unwrap();
+    }
+    s.set_len(12 << 20).unwrap();
+    let p = root.join("prealloc");
+    run("fallocate", &["-l", "4M", p.to_str().unwrap()]);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(&pattern(100_000, 7)).unwrap();
+    let mut t = std::fs::File::create(root.join("tail-hole")).unwrap();
+    t.write_all(&pattern(1 << 20, 9)).unwrap();
+    t.set_len(5 << 20).unwrap();
+    std::fs::File::create(root.join("empty")).unwrap();
+    std::fs::write(root.join("small"), b"small\n").unwrap();
+}
+
+/// With the image given, changed files are read straight from it: the snapshot is still
+/// exactly a full walk's tar stream, for every layout of file data; only files whose
+/// data is not plainly in the image (inline data) are read through the mount; nothing
+/// is read from the image of a writable mount or through another image.
+#[test]
+#[ignore = "needs root: loop devices"]
+fn file_data_read_from_the_image_equals_a_full_walk() {
+    let _turn = LOOP_DEVICES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(dir.path().join("store")).unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let mut time = 1_800_000_000;
+    for (name, features) in [("plain", "^inline_data"), ("inline", "inline_data")] {
+        let image = dir.path().join(format!("{name}.raw"));
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        run(
+            "mkfs.ext4",
+            &["-q", "-F", "-O", features, image.to_str().unwrap()],
+        );
+        {
+            let m = Mounted::new(&image, &mnt, false);
+            build_layouts(&m.dir);
+        }
+        let other = dir.path().join("other.raw");
+        std::fs::copy(&image, &other).unwrap();
+        for (ro, via) in [(true, &image), (false, &image), (true, &other)] {
+            let inodes = vzkit_dedup::ext4scan::scan(&image).unwrap();
+            assert!(inodes.is_some(), "a cleanly unmounted ext4 image is read");
+            let m = Mounted::new(&image, &mnt, ro);
+            time += 10;
+            let mut o = BackupOptions::new(100);
+            o.time = Some(time);
+            // No base: every file is read.
+            o.vmid = 100 + u32::try_from(time % 1000).unwrap();
+            let mut b = Backup::start(&store, o).unwrap();
+            b.add_volume_tree(
+                &m.dir,
+                "./",
+                &ExcludeSet::new(),
+                true,
+                VolumeInfo {
+                    inodes,
+                    layout: "./".into(),
+                    image: Some(via.clone()),
+                    ..VolumeInfo::default()
+                },
+            )
+            .unwrap();
+            let r = b.finish().unwrap();
+            assert!(
+                stream(&store, &r) == full_walk(&m.dir),
+                "{name}, read-only {ro}, through {}: the snapshot differs from a full walk",
+                via.display()
+            );
+            let s = &r.stats;
+            if ro && via == &image {
+                // Everything; with inline data, all but the data kept in the inode ("small").
+                assert!(s.bytes_read > 14_000_000, "{name}: {s:?}");
+                if name == "plain" {
+                    assert_eq!(s.bytes_direct, s.bytes_read, "{name}: {s:?}");
+                } else {
+                    assert_eq!(s.bytes_direct, s.bytes_read - 6, "{name}: {s:?}");
+                }
+            } else {
+                assert_eq!(s.bytes_direct, 0, "{name}, read-only {ro}: {s:?}");
+            }
+        }
+    }
 }

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
+use vzkit_archive::direct::DirectImage;
 use vzkit_archive::prefetch::{Prefetcher, StopOnDrop};
 use vzkit_archive::{ArchiveWriter, Compression, ExcludeSet, IdMap, Stats, compressor};
 
@@ -72,6 +73,9 @@ pub struct ArchiveJob {
     pub threads: u32,
     /// Compression level (`None`: the tool's default).
     pub level: Option<i32>,
+    /// Per source (in order; missing: none), the volume image its file data is read from
+    /// ([`vzkit_archive::direct`]).
+    pub direct: Vec<Option<DirectImage>>,
     /// Limit of the tar stream in bytes per second (0: none).
     pub bwlimit: u64,
 }
@@ -287,6 +291,8 @@ fn add_stats(total: &mut Stats, s: &Stats) {
     total.excluded += s.excluded;
     total.other_fs_dirs += s.other_fs_dirs;
     total.data_bytes += s.data_bytes;
+    total.bytes_read += s.bytes_read;
+    total.bytes_direct += s.bytes_direct;
     total.warnings.extend(s.warnings.iter().cloned());
 }
 
@@ -309,8 +315,10 @@ fn encoder_stage(job: &ArchiveJob, out: ChunkSender) -> Result<(u64, Stats)> {
         job.config_mtime,
     )?;
     let mut stats = Stats::default();
-    for s in &job.sources {
+    for (i, s) in job.sources.iter().enumerate() {
+        w.set_direct(job.direct.get(i).cloned().flatten());
         let st = w.append_tree(&s.dir, &s.prefix, &job.excludes, true)?;
+        w.set_direct(None);
         add_stats(&mut stats, &st);
     }
     let mut sender = w.finish()?;
@@ -389,7 +397,8 @@ pub fn write_archive(job: &ArchiveJob, sink: &Sink, ctl: &Control) -> Result<Arc
                     &done,
                     PREFETCH_WINDOW,
                 );
-                for s in &job.sources {
+                for (i, s) in job.sources.iter().enumerate() {
+                    p.set_direct(job.direct.get(i).and_then(Option::as_ref));
                     if !p.run_tree(&s.dir, &s.prefix) {
                         break;
                     }
@@ -456,6 +465,7 @@ mod tests {
             compression: c,
             threads,
             level: None,
+            direct: Vec::new(),
             bwlimit: 0,
         }
     }

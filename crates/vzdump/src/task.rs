@@ -888,6 +888,7 @@ async fn archive_job(
         compression: ctx.compressor.compression,
         threads: ctx.compressor.threads,
         level: None,
+        direct: Vec::new(),
         bwlimit: u64::try_from(ctx.opts.bwlimit.unwrap_or(0)).unwrap_or(0) * 1024,
     };
     Ok(job)
@@ -902,7 +903,21 @@ async fn archive(
     sink: &Sink,
 ) -> Result<ArchiveOutcome> {
     let log = &ctx.log;
-    let job = archive_job(ctx, t, config, firewall).await?;
+    // Images of cleanly unmounted ext2/3/4 file systems (read before they are mounted,
+    // read-only): file data is read straight from them.
+    let clean = if t.mode == Mode::Stop {
+        let images = disk_images(&ctx.storages, &t.plan.disks).await;
+        let scanned = image_inodes(&images).await;
+        images
+            .into_iter()
+            .filter(|(p, _)| scanned.iter().any(|(q, _)| q == p))
+            .filter_map(|(p, i)| Some((p, i?.0)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut job = archive_job(ctx, t, config, firewall).await?;
+    job.direct = direct_images(&clean, &job.sources).await;
     let control = Control {
         cancel: Arc::clone(&ctx.cancel),
         counters: Arc::default(),
@@ -990,6 +1005,31 @@ async fn image_inodes(images: &[DiskImage]) -> Vec<(String, vzkit_dedup::ext4sca
     out
 }
 
+/// For each of `sources`, the image of `clean` (member prefix, image file) it is mounted
+/// from, if file data can be read from it ([`vzkit_archive::direct::DirectImage::new`]).
+async fn direct_images(
+    clean: &[(String, PathBuf)],
+    sources: &[ArchiveSource],
+) -> Vec<Option<vzkit_archive::direct::DirectImage>> {
+    let mut out = Vec::new();
+    for s in sources {
+        let image = clean
+            .iter()
+            .find(|(p, _)| *p == s.prefix)
+            .map(|(_, i)| i.clone());
+        let dir = s.dir.clone();
+        let direct = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(image?).ok()?;
+            vzkit_archive::direct::DirectImage::new(f, &dir)
+        })
+        .await
+        .ok()
+        .flatten();
+        out.push(direct);
+    }
+    out
+}
+
 /// The image key of each archive source, from [`disk_keys`]; all `None` unless every source
 /// has one (a tree is only taken over together with the trees nested in it).
 fn source_keys(
@@ -1030,16 +1070,16 @@ async fn archive_dedup(
         (Some("data"), _) | (None, Some("data" | "legacy")) => vzkit_dedup::ChangeDetection::Data,
         _ => vzkit_dedup::ChangeDetection::Metadata,
     };
-    let (keys_before, mut inodes) = if stop {
+    let (keys_before, mut inodes, images) = if stop {
         let images = disk_images(&ctx.storages, &t.plan.disks).await;
         let inodes = if mode == vzkit_dedup::ChangeDetection::Metadata {
             image_inodes(&images).await
         } else {
             Vec::new()
         };
-        (image_keys(&images), inodes)
+        (image_keys(&images), inodes, images)
     } else {
-        (Vec::new(), Vec::new())
+        (Vec::new(), Vec::new(), Vec::new())
     };
     let job = archive_job(ctx, t, config, firewall).await?;
     log.info(format!(
@@ -1073,6 +1113,12 @@ async fn archive_dedup(
                 .map(|i| inodes.swap_remove(i).1),
             context: layout.clone(),
             layout: prefixes.clone(),
+            // Mounted read-only from this image (stop mode); with an inode table, the
+            // file system was cleanly unmounted: file data is read from the image.
+            image: images
+                .iter()
+                .find(|(p, _)| *p == s.prefix)
+                .and_then(|(_, i)| i.as_ref().map(|(path, _)| path.clone())),
         })
         .collect();
     let vmid = t.vmid;
@@ -1152,6 +1198,12 @@ async fn archive_dedup(
         st.files_reused,
         format_size(st.bytes_read)
     ));
+    if st.bytes_direct > 0 {
+        log.info(format!(
+            "{} of it read straight from the volume images",
+            format_size(st.bytes_direct)
+        ));
+    }
     if st.bytes_matched > 0 {
         log.info(format!(
             "{} of it still in the chunks of the files' last backup: hashed, not cut",
