@@ -187,6 +187,23 @@ pub fn scan(image: &Path) -> io::Result<Option<InodeTable>> {
     Ok(scan_checked(image, MAX_INODES)?.ok())
 }
 
+/// Whether `image` holds an ext2/3/4 file system [`scan`] would accept by its
+/// superblock alone: cleanly unmounted, nothing to recover, no orphans, known
+/// features (one read of 1 KiB). Everything a read-only mount of it shows is
+/// then in the image (see [`vzkit_archive::direct`]).
+///
+/// # Errors
+/// The image cannot be read.
+pub fn is_clean(image: &Path) -> io::Result<bool> {
+    let file = File::open(image)?;
+    let mut sb = [0u8; 1024];
+    match file.read_exact_at(&mut sb, SUPERBLOCK_OFFSET) {
+        Ok(()) => Ok(parse_superblock(&sb).is_ok()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Why an image's tables are not trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Untrusted {

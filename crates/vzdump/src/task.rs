@@ -906,13 +906,7 @@ async fn archive(
     // Images of cleanly unmounted ext2/3/4 file systems (read before they are mounted,
     // read-only): file data is read straight from them.
     let clean = if t.mode == Mode::Stop {
-        let images = disk_images(&ctx.storages, &t.plan.disks).await;
-        let scanned = image_inodes(&images).await;
-        images
-            .into_iter()
-            .filter(|(p, _)| scanned.iter().any(|(q, _)| q == p))
-            .filter_map(|(p, i)| Some((p, i?.0)))
-            .collect()
+        clean_images(&disk_images(&ctx.storages, &t.plan.disks).await).await
     } else {
         Vec::new()
     };
@@ -999,6 +993,24 @@ async fn image_inodes(images: &[DiskImage]) -> Vec<(String, vzkit_dedup::ext4sca
                 tokio::task::spawn_blocking(move || vzkit_dedup::ext4scan::scan(&path)).await
             {
                 out.push((prefix.clone(), t));
+            }
+        }
+    }
+    out
+}
+
+/// The member prefix and image file of each of `images` that holds a cleanly unmounted
+/// ext2/3/4 file system ([`vzkit_dedup::ext4scan::is_clean`]), of those with a key (on the
+/// local file systems trusted for keys, where no other client can write the image).
+async fn clean_images(images: &[DiskImage]) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for (prefix, image) in images {
+        if let Some((path, Some(_))) = image {
+            let p = path.clone();
+            if let Ok(Ok(true)) =
+                tokio::task::spawn_blocking(move || vzkit_dedup::ext4scan::is_clean(&p)).await
+            {
+                out.push((prefix.clone(), path.clone()));
             }
         }
     }

@@ -170,9 +170,11 @@ fn ext4scan_refuses_what_is_not_ext() {
     std::fs::write(&zeros, vec![0u8; 1 << 20]).unwrap();
     assert_eq!(scan(&zeros).unwrap(), None);
     assert_eq!(reason(&zeros), Err(Untrusted::NotExt));
+    assert!(!is_clean(&zeros).unwrap());
     let tiny = tmp.path().join("tiny");
     std::fs::write(&tiny, b"EF53").unwrap();
     assert_eq!(reason(&tiny), Err(Untrusted::NotExt));
+    assert!(!is_clean(&tiny).unwrap());
     let err = scan(&tmp.path().join("missing")).expect_err("error");
     assert_eq!(err.kind(), io::ErrorKind::NotFound);
 
@@ -187,23 +189,28 @@ fn ext4scan_refuses_unclean_images() {
     let tmp = tempfile::tempdir().unwrap();
     let img = mkfs(tmp.path(), &[], None, 32);
     assert_eq!(reason(&img), Ok(2));
+    assert!(is_clean(&img).unwrap());
 
     debugfs_w(&img, "feature needs_recovery");
     assert_eq!(scan(&img).unwrap(), None);
     assert_eq!(reason(&img), Err(Untrusted::NeedsRecovery));
+    assert!(!is_clean(&img).unwrap());
     debugfs_w(&img, "feature ^needs_recovery");
     assert_eq!(reason(&img), Ok(2));
 
     debugfs_w(&img, "ssv state 0");
     assert_eq!(scan(&img).unwrap(), None);
     assert_eq!(reason(&img), Err(Untrusted::NotClean));
+    assert!(!is_clean(&img).unwrap());
     debugfs_w(&img, "ssv state 3");
     assert_eq!(reason(&img), Err(Untrusted::NotClean));
     debugfs_w(&img, "ssv state 1");
     assert_eq!(reason(&img), Ok(2));
+    assert!(is_clean(&img).unwrap());
 
     debugfs_w(&img, "ssv last_orphan 12");
     assert_eq!(reason(&img), Err(Untrusted::OrphansPending));
+    assert!(!is_clean(&img).unwrap());
 }
 
 #[test]
