@@ -8,11 +8,12 @@
 //! a file's data can be read from the image file at the places its extent map
 //! (`FS_IOC_FIEMAP`) gives instead: one copy, from the image file's page cache.
 //!
-//! [`DirectImage::new`] checks that the mount is a loop device backed by exactly that
-//! image file, from its start and without a size limit. Files whose map has anything but
-//! plain, unwritten (read as zeros) or shared extents — inline, encrypted, encoded,
-//! unaligned or delayed data — are read through the mount as before, and so are files of
-//! other file systems (mount points below the tree).
+//! [`DirectImage::new`] checks that the mount is read-only and a loop device backed by
+//! exactly that image file, from its start and without a size limit. Files whose map has
+//! anything but plain, unwritten (read as zeros) or shared extents — inline, encoded,
+//! unaligned or delayed data — are read through the mount as before, and so are
+//! encrypted, compressed and verity files (by their `statx` attributes) and files of other
+//! file systems (mount points below the tree).
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -44,6 +45,20 @@ struct Extent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtentMap {
     extents: Vec<Extent>,
+}
+
+impl ExtentMap {
+    /// Number of extents.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.extents.len()
+    }
+
+    /// No extents (the file is empty or one hole).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
 }
 
 /// The loop device behind device number `dev`: (backing file's dev and inode, offset,
@@ -90,10 +105,26 @@ impl DirectImage {
     }
 
     /// The extent map of `file` (of `size` bytes, on the mounted file system), if all
-    /// of its data can be read from the image.
+    /// of its data can be read from the image. Encrypted, compressed and verity files are
+    /// read through the mount: their bytes in the image are not what a read returns (or
+    /// a read checks them), and FIEMAP does not say so for every file system.
     #[must_use]
     pub fn map(&self, file: &File, size: u64) -> Option<ExtentMap> {
         if file.metadata().ok()?.dev() != self.dev {
+            return None;
+        }
+        let sx = rustix::fs::statx(
+            file,
+            "",
+            rustix::fs::AtFlags::EMPTY_PATH,
+            rustix::fs::StatxFlags::BASIC_STATS,
+        )
+        .ok()?;
+        let special = rustix::fs::StatxAttributes::ENCRYPTED
+            | rustix::fs::StatxAttributes::COMPRESSED
+            | rustix::fs::StatxAttributes::VERITY;
+        // Attributes the file system does not report cannot be ruled out.
+        if !sx.stx_attributes_mask.contains(special) || sx.stx_attributes.intersects(special) {
             return None;
         }
         let known = FiemapExtentFlags::LAST
@@ -107,6 +138,7 @@ impl DirectImage {
                 break;
             }
             let end = e.fe_physical.checked_add(e.fe_length)?;
+            e.fe_logical.checked_add(e.fe_length)?;
             if !known.contains(e.fe_flags)
                 || end > self.size
                 || e.fe_length == 0
@@ -167,7 +199,8 @@ impl DirectImage {
     /// on the image).
     pub fn advise(&self, map: &ExtentMap, off: u64, len: u64) {
         let end = off.saturating_add(len);
-        for e in &map.extents {
+        let first = map.extents.partition_point(|e| e.logical + e.length <= off);
+        for e in map.extents[first..].iter().take_while(|e| e.logical < end) {
             let (s, t) = (e.logical.max(off), (e.logical + e.length).min(end));
             if s < t && !e.unwritten {
                 let _ = rustix::fs::fadvise(

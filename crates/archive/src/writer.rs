@@ -274,8 +274,13 @@ pub struct Reused {
 #[derive(Debug)]
 pub struct FileData<'a> {
     file: &'a File,
-    /// Read from the volume image instead (see [`crate::direct`]).
-    direct: Option<(&'a DirectImage, ExtentMap)>,
+    /// Read from this volume image if the file's extent map allows (see
+    /// [`crate::direct`]; mapped when the data is read).
+    direct: Option<&'a DirectImage>,
+    /// The file's size.
+    size: u64,
+    /// Its data was read from the image.
+    read_direct: bool,
     regions: &'a [SparseRegion],
     path: &'a Path,
     buf: &'a mut Vec<u8>,
@@ -299,6 +304,8 @@ impl FileData<'_> {
     /// Read errors on the file, or what `f` returns.
     pub fn read(&mut self, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         self.was_read = true;
+        let map: Option<ExtentMap> = self.direct.and_then(|d| d.map(self.file, self.size));
+        self.read_direct = map.is_some();
         let mut buf = std::mem::take(self.buf);
         buf.resize(COPY_BUF, 0);
         let res = (|| {
@@ -312,9 +319,9 @@ impl FileData<'_> {
                     let n = if self.short {
                         0
                     } else {
-                        let got = match &self.direct {
-                            Some((image, map)) => image.read_at(map, &mut buf[..want], off),
-                            None => self.file.read_at(&mut buf[..want], off),
+                        let got = match (self.direct, &map) {
+                            (Some(image), Some(map)) => image.read_at(map, &mut buf[..want], off),
+                            _ => self.file.read_at(&mut buf[..want], off),
                         };
                         match got {
                             Ok(n) => n,
@@ -842,15 +849,11 @@ impl Walker {
             offset: 0,
             length: st.size,
         }];
-        let direct = self
-            .direct
-            .as_ref()
-            .filter(|d| d.dev() == st.dev)
-            .and_then(|d| Some((d, d.map(&file, st.size)?)));
-        let is_direct = direct.is_some();
         let mut data = FileData {
             file: &file,
-            direct,
+            direct: self.direct.as_ref().filter(|d| d.dev() == st.dev),
+            size: st.size,
+            read_direct: false,
             regions: regions.as_deref().unwrap_or(&whole),
             path: &src.path,
             buf: &mut self.buf,
@@ -869,7 +872,7 @@ impl Walker {
             stats.files_read += 1;
         }
         stats.bytes_read += data.read_bytes;
-        if is_direct {
+        if data.read_direct {
             stats.bytes_direct += data.read_bytes;
         }
         stats.data_bytes += data_size;

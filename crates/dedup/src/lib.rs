@@ -62,6 +62,11 @@
 //! [`ChangeDetection::Data`] every file is read; unchanged regions of
 //! changed files still deduplicate through content-defined chunking.
 //!
+//! Files are read through the mount, or, for a tree on a raw ext2/3/4 image
+//! given with its inode table ([`VolumeInfo::image`]), straight from the
+//! image where their extent maps show their data
+//! ([`vzkit_archive::direct`]).
+//!
 //! A changed file chunked on its own (64 KiB or more, not sparse) is read
 //! whole, but cut along its chunk list in the base snapshot
 //! ([`chunker::Hint`]): where its data still holds a base chunk and the one
