@@ -32,7 +32,8 @@
 # image, as a backup disk would be; BENCH_BACKUP_FS=scratch puts them on the file system of
 # BENCH_DIR instead (creating chunk files costs much more on an ext4 without a journal,
 # which checks every free inode it considers for recent deletion).
-# Needs root, restic, zstd, e2fsprogs, util-linux. Usage: scripts/bench-dedup.sh
+# Needs root, restic, zstd, e2fsprogs, util-linux and about 12 GB free below BENCH_DIR.
+# Usage: scripts/bench-dedup.sh
 # Environment: BENCH_DIR (scratch parent, default /var/tmp), BENCH_BACKUP_FS (ext4 |
 # scratch), BENCH_ROUNDS. The machine should be idle: the load average is printed with the results.
 set -euo pipefail
@@ -203,8 +204,11 @@ echo "== restores of version 10" >&2
 LAST_TAR=$(ls "$DUMP"/dump/*.tar.zst | sort | tail -1)
 LAST_SNAP=$("$BIN/pvesm" list backups --output-format json | tr ',' '\n' | sed -n 's/.*"volid":"\(backups:backup[^"]*\)".*/\1/p' | sort | tail -1)
 # ROUNDS restores of each, alternating which goes first; the medians are reported.
-restore_tar() { sync; t=$(now); "$BIN/pct" restore "$1" "archives:backup/$(basename "$LAST_TAR")" --storage local >/dev/null; T[restore-tar-$2]=$(since "$t"); }
-restore_dedup() { sync; t=$(now); "$BIN/pct" restore "$1" "$LAST_SNAP" --storage local >/dev/null; T[restore-dedup-$2]=$(since "$t"); }
+# Each restored container is removed again (untimed), so that the scratch space needed stays
+# at about 12 GB.
+drop_ct() { rm -f "$ROOT/etc/pve/lxc/$1.conf"; rm -rf "$ROOT/var/lib/vz/images/$1"; }
+restore_tar() { sync; t=$(now); "$BIN/pct" restore "$1" "archives:backup/$(basename "$LAST_TAR")" --storage local >/dev/null; T[restore-tar-$2]=$(since "$t"); drop_ct "$1"; }
+restore_dedup() { sync; t=$(now); "$BIN/pct" restore "$1" "$LAST_SNAP" --storage local >/dev/null; T[restore-dedup-$2]=$(since "$t"); drop_ct "$1"; }
 for r in $(seq 1 "$ROUNDS"); do
     if [ $((r % 2)) = 1 ]; then
         restore_tar $((900 + 10 * r + 1)) "$r"; restore_dedup $((900 + 10 * r + 2)) "$r"
