@@ -201,15 +201,15 @@
 //! # Performance
 //!
 //! `scripts/bench-dedup.sh` (1.23 GB container tree, 31,086 files, 10
-//! versions; 2 cores; three runs in README.md, two with the repositories
-//! on a journaled ext4 backup file system, one on the VM's unjournaled
-//! root): first backup 3.29–3.73 s against vzdump tar.zst 3.69–3.90 s on
-//! the journaled file system, 4.08 against 3.66 s on the other (medians of
-//! four); unchanged re-backup 2.4–3.7% of the first, also when the image
-//! changed (inode-guided); 1% change 7.3–10.7% (changed files are re-read
-//! whole, 169 MB); 588–589 MB after 10 versions (restic 613–637 MB);
-//! restore 1.00–1.14× the tar.zst's (medians of three). Met in one run,
-//! not in every run: 1% change, first backup, restore.
+//! versions; 2 cores; three runs in README.md, on a journaled ext4 backup
+//! file system): first backup 3.37–4.07 s against vzdump tar.zst
+//! 3.55–5.58 s (medians of six); unchanged re-backup 2.9–3.3% of the first
+//! (3.4–5.0% when the image changed: inode-guided); 1% change 7.6–10.9%
+//! (changed files are re-read whole, 170 MB, but their unchanged chunks
+//! are hashed, not cut); 589–590 MB after 10 versions (restic
+//! 608–621 MB); restore 1.07–1.09× the tar.zst's when both run steadily
+//! (medians of five). Not met: the restore, which decompresses and checks
+//! every chunk.
 
 /// How many chunk digests a backup, a verification or a collection
 /// remembers to skip repeated work (touching, checking) on chunks it has
