@@ -2217,17 +2217,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         std::fs::create_dir(&src).unwrap();
-        let data = |n: u32, seed: u64| -> Vec<u8> {
-            let mut x = seed;
-            (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x >> 24) as u8
-                })
-                .collect()
-        };
+        let data = |n: u32, seed: u64| crate::chunker::tests::pseudo_random(n as usize, seed);
         // One file chunked while read on a second thread, one on the walking thread.
         let (log, blob) = (data(12 << 20, 0), data(3 << 20, 7));
         std::fs::write(src.join("log"), &log).unwrap();

@@ -158,6 +158,18 @@ fn key_devs(store: &Store, r: &BackupResult) -> std::collections::BTreeSet<u64> 
     devs
 }
 
+/// A new 64 MiB ext4 image at `image` (`mkfs.ext4` with `args` too).
+fn ext4_image(image: &Path, args: &[&str]) {
+    std::fs::File::create(image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut all = vec!["-q", "-F"];
+    all.extend_from_slice(args);
+    all.push(image.to_str().unwrap());
+    run("mkfs.ext4", &all);
+}
+
 /// The tests of this file take turns: one of them forces a backup onto another loop
 /// device than the one before.
 static LOOP_DEVICES: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -180,11 +192,7 @@ fn guided_backups_walk_only_changed_directories_and_equal_a_full_walk() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vm-100-disk-0.raw");
     let mnt = dir.path().join("mnt");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+    ext4_image(&image, &[]);
     {
         let m = Mounted::new(&image, &mnt, false);
         build(&m.dir);
@@ -382,14 +390,7 @@ fn file_data_read_from_the_image_equals_a_full_walk() {
     let mut time = 1_800_000_000;
     for (name, features) in [("plain", "^inline_data"), ("inline", "inline_data")] {
         let image = dir.path().join(format!("{name}.raw"));
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-        run(
-            "mkfs.ext4",
-            &["-q", "-F", "-O", features, image.to_str().unwrap()],
-        );
+        ext4_image(&image, &["-O", features]);
         {
             let m = Mounted::new(&image, &mnt, false);
             build_layouts(&m.dir);
