@@ -98,12 +98,6 @@ impl DirectImage {
         })
     }
 
-    /// Device number of the mounted file system.
-    #[must_use]
-    pub fn dev(&self) -> u64 {
-        self.dev
-    }
-
     /// The extent map of `file` (of `size` bytes, on the mounted file system), if all
     /// of its data can be read from the image. Encrypted, compressed and verity files are
     /// read through the mount: their bytes in the image are not what a read returns (or

@@ -222,10 +222,7 @@ impl<'a> Prefetcher<'a> {
         let size = u64::try_from(st.st_size).unwrap_or(0);
         let allocated = u64::try_from(st.st_blocks).unwrap_or(0) * 512;
         let file = std::fs::File::from(fd);
-        let direct = self
-            .direct
-            .filter(|d| d.dev() == st.st_dev)
-            .and_then(|d| Some((d, d.map(&file, size)?)));
+        let direct = self.direct.and_then(|d| Some((d, d.map(&file, size)?)));
         let mut off = 0;
         while off < size {
             if !self.wait_for_room() {

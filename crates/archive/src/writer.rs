@@ -851,7 +851,7 @@ impl Walker {
         }];
         let mut data = FileData {
             file: &file,
-            direct: self.direct.as_ref().filter(|d| d.dev() == st.dev),
+            direct: self.direct.as_ref(),
             size: st.size,
             read_direct: false,
             regions: regions.as_deref().unwrap_or(&whole),

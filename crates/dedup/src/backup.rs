@@ -814,18 +814,17 @@ impl State {
     }
 
     /// Queue a chunk (with its digest `d`) for writing unless known.
-    fn store_chunk(&mut self, data: &[u8], d: &[u8; 32]) -> Result<[u8; 32]> {
-        let d = *d;
-        if self.see(d) && !self.store.touch_chunk(&d)? {
-            self.pool.send((d, data.to_vec()))?;
+    fn store_chunk(&mut self, data: &[u8], d: &[u8; 32]) -> Result<()> {
+        if self.see(*d) && !self.store.touch_chunk(d)? {
+            self.pool.send((*d, data.to_vec()))?;
         }
-        Ok(d)
+        Ok(())
     }
 
     fn add_chunk(&mut self, data: &[u8], d: &[u8; 32], out: &mut Vec<ChunkRef>) -> Result<()> {
-        let d = self.store_chunk(data, d)?;
+        self.store_chunk(data, d)?;
         out.push(ChunkRef::whole(
-            d,
+            *d,
             u32::try_from(data.len()).unwrap_or(u32::MAX),
         ));
         self.stats.chunks += 1;
@@ -835,7 +834,8 @@ impl State {
     /// A chunk of the pack stream: the slices of it go to the records of
     /// the files whose data it holds.
     fn pack_chunk(&mut self, data: &[u8], d: &[u8; 32]) -> Result<()> {
-        let d = self.store_chunk(data, d)?;
+        self.store_chunk(data, d)?;
+        let d = *d;
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let (cs, ce) = (self.pack.cut, self.pack.cut + data.len() as u64);
         self.pack.cut = ce;

@@ -980,41 +980,46 @@ async fn disk_keys(
     image_keys(&disk_images(storages, disks).await)
 }
 
-/// The inode table ([`vzkit_dedup::ext4scan::scan`]) of each image of `images` that holds a
-/// cleanly unmounted ext2/3/4 file system, by member prefix: only for images with a key, on
-/// the local file systems trusted for keys (not FUSE or network file systems, where another
-/// client could change the image between the scan and the walk).
-async fn image_inodes(images: &[DiskImage]) -> Vec<(String, vzkit_dedup::ext4scan::InodeTable)> {
+/// What `check` (on a blocking thread) finds in each image of `images` that has a key, by
+/// member prefix: only images on the local file systems trusted for keys are read (not FUSE
+/// or network file systems, where another client could change the image between the check
+/// and the walk).
+async fn check_images<T: Send + 'static>(
+    images: &[DiskImage],
+    check: fn(&Path) -> std::io::Result<Option<T>>,
+) -> Vec<(String, PathBuf, T)> {
     let mut out = Vec::new();
     for (prefix, image) in images {
         if let Some((path, Some(_))) = image {
-            let path = path.clone();
-            if let Ok(Ok(Some(t))) =
-                tokio::task::spawn_blocking(move || vzkit_dedup::ext4scan::scan(&path)).await
-            {
-                out.push((prefix.clone(), t));
+            let p = path.clone();
+            if let Ok(Ok(Some(t))) = tokio::task::spawn_blocking(move || check(&p)).await {
+                out.push((prefix.clone(), path.clone(), t));
             }
         }
     }
     out
 }
 
+/// The inode table ([`vzkit_dedup::ext4scan::scan`]) of each image of `images` that holds a
+/// cleanly unmounted ext2/3/4 file system, by member prefix ([`check_images`]).
+async fn image_inodes(images: &[DiskImage]) -> Vec<(String, vzkit_dedup::ext4scan::InodeTable)> {
+    check_images(images, vzkit_dedup::ext4scan::scan)
+        .await
+        .into_iter()
+        .map(|(prefix, _, t)| (prefix, t))
+        .collect()
+}
+
 /// The member prefix and image file of each of `images` that holds a cleanly unmounted
-/// ext2/3/4 file system ([`vzkit_dedup::ext4scan::is_clean`]), of those with a key (on the
-/// local file systems trusted for keys, where no other client can write the image).
+/// ext2/3/4 file system ([`vzkit_dedup::ext4scan::is_clean`], [`check_images`]).
 async fn clean_images(images: &[DiskImage]) -> Vec<(String, PathBuf)> {
-    let mut out = Vec::new();
-    for (prefix, image) in images {
-        if let Some((path, Some(_))) = image {
-            let p = path.clone();
-            if let Ok(Ok(true)) =
-                tokio::task::spawn_blocking(move || vzkit_dedup::ext4scan::is_clean(&p)).await
-            {
-                out.push((prefix.clone(), path.clone()));
-            }
-        }
-    }
-    out
+    check_images(images, |p| {
+        Ok(vzkit_dedup::ext4scan::is_clean(p)?.then_some(()))
+    })
+    .await
+    .into_iter()
+    .map(|(prefix, path, ())| (prefix, path))
+    .collect()
 }
 
 /// For each of `sources`, the image of `clean` (member prefix, image file) it is mounted
