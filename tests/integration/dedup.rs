@@ -552,6 +552,54 @@ fn corrupt_chunk_is_found_and_only_its_files_fail_to_restore() {
 
 #[test]
 #[ignore = "needs root: the store tests run with the other root-only integration tests"]
+fn damaged_chunk_in_a_large_file_leaves_the_files_after_it_intact() {
+    let env = Env::new();
+    let src = env.work.join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    // In walk order: a small file, a large file of several chunks, then small files
+    // (packed together into one chunk).
+    fs::write(src.join("d/a-before"), b"before\n").unwrap();
+    // Not a multiple of 512: the member is padded.
+    fs::write(src.join("d/b-big"), common::noise((3 << 20) + 1000, 7)).unwrap();
+    fs::write(src.join("d/c-after"), common::noise(40_000, 8)).unwrap();
+    fs::write(src.join("d/d-small"), b"small after\n").unwrap();
+    settle();
+    env.backup(&src, 1_700_000_000, &[]);
+    let snap = snap_name(1_700_000_000);
+    // Damage all of b-big's chunks (its last one, with the member's padding, too):
+    // noise does not compress, so they are the chunk files of 64 KiB or more (the
+    // packed small files and the config are smaller).
+    let big: Vec<_> = env
+        .chunk_files()
+        .into_iter()
+        .filter(|c| fs::metadata(c).unwrap().len() >= 64 << 10)
+        .collect();
+    assert!(big.len() >= 3, "{big:?}");
+    for chunk in &big {
+        let mut bytes = fs::read(chunk).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        fs::write(chunk, &bytes).unwrap();
+    }
+
+    let dst = env.work.join("r");
+    fs::create_dir(&dst).unwrap();
+    let o = env.run(&["restore", &snap, &dst.display().to_string()]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("file './d/b-big' not restored"), "{err}");
+    assert!(!dst.join("d/b-big").exists());
+    for f in ["a-before", "c-after", "d-small"] {
+        assert_eq!(
+            fs::read(dst.join("d").join(f)).unwrap(),
+            fs::read(src.join("d").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root: the store tests run with the other root-only integration tests"]
 fn backup_during_gc_stays_complete() {
     let env = Env::new();
     let src = env.work.join("src");

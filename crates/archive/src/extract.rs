@@ -177,6 +177,28 @@ enum Target<'a> {
 /// unless `ignore_unpack_errors`. Nothing outside `target_root` is touched
 /// in any case.
 pub fn extract<R: Read>(r: R, target_root: &Path, opts: &ExtractOptions) -> Result<ExtractReport> {
+    run(ArchiveReader::new(r), target_root, opts)
+}
+
+/// [`extract()`] of a stream that holds its bytes in its own buffer
+/// already: file content is written from there without being copied out
+/// first ([`ArchiveReader::new_buffered`]).
+///
+/// # Errors
+/// As [`extract()`].
+pub fn extract_buffered<R: std::io::BufRead>(
+    r: R,
+    target_root: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport> {
+    run(ArchiveReader::new_buffered(r), target_root, opts)
+}
+
+fn run<R: Read>(
+    mut rd: ArchiveReader<R>,
+    target_root: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport> {
     let root = rustix::fs::open(
         target_root,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -195,7 +217,6 @@ pub fn extract<R: Read>(r: R, target_root: &Path, opts: &ExtractOptions) -> Resu
         report: ExtractReport::default(),
         buf: vec![0; COPY_BUF],
     };
-    let mut rd = ArchiveReader::new(r);
     while let Some(e) = rd.next_entry()? {
         let res = x.entry(&mut rd, &e);
         x.settle(res)?;
@@ -534,15 +555,16 @@ impl Extractor<'_> {
                 let want = usize::try_from(end - off)
                     .unwrap_or(usize::MAX)
                     .min(self.buf.len());
-                let n = rd.read_data(&mut self.buf[..want])?;
+                let n = rd.with_data(want, &mut self.buf, |b| {
+                    file.write_all_at(b, off)
+                        .map_err(|err| ArchiveError::fs("write", path, err))
+                })?;
                 if n == 0 {
                     return Err(ArchiveError::Truncated {
                         offset: rd.position(),
                         what: "member content",
                     });
                 }
-                file.write_all_at(&self.buf[..n], off)
-                    .map_err(|err| ArchiveError::fs("write", path, err))?;
                 off += n as u64;
                 self.report.bytes += n as u64;
             }

@@ -45,7 +45,7 @@ pub use compress::{
 };
 pub use error::{ArchiveError, Result};
 pub use exclude::ExcludeSet;
-pub use extract::{ExtractOptions, ExtractReport, extract};
+pub use extract::{ExtractOptions, ExtractReport, extract, extract_buffered};
 pub use header::{MemberHeader, MemberKind, SparseRegion};
 pub use idmap::{IdKind, IdMap, IdMapEntry};
 pub use reader::{ArchiveReader, Entry, Sparse, find_member};

@@ -13,7 +13,7 @@
 //! fails with [`ArchiveError::Truncated`] / [`ArchiveError::Corrupt`] and
 //! never panics (fuzzed: `fuzz/fuzz_targets/tar_reader.rs`).
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 
 use tar_core::parse::{Limits, ParseEvent, ParsedEntry, Parser};
 use tar_core::{EntryType, PaxExtensions};
@@ -166,9 +166,27 @@ pub fn parse_pax_time(s: &str) -> Option<(i64, u32)> {
     }
 }
 
+/// Borrowing the input's own buffer ([`ArchiveReader::new_buffered`]):
+/// its `fill_buf` and `consume`.
+type Borrow<R> = (
+    for<'a> fn(&'a mut R) -> io::Result<&'a [u8]>,
+    fn(&mut R, usize),
+);
+
+fn fill_buf<R: BufRead>(r: &mut R) -> io::Result<&[u8]> {
+    r.fill_buf()
+}
+
+fn consume_buf<R: BufRead>(r: &mut R, n: usize) {
+    r.consume(n);
+}
+
 /// A streaming reader of tar members.
 pub struct ArchiveReader<R: Read> {
     inner: R,
+    /// For a `BufRead` input: member content is handed on from the input's
+    /// buffer instead of being copied out of it.
+    borrow: Option<Borrow<R>>,
     parser: Parser,
     buf: Vec<u8>,
     start: usize,
@@ -204,6 +222,7 @@ impl<R: Read> ArchiveReader<R> {
         };
         ArchiveReader {
             inner,
+            borrow: None,
             parser: Parser::new(limits),
             buf: Vec::new(),
             start: 0,
@@ -214,6 +233,18 @@ impl<R: Read> ArchiveReader<R> {
             eof: false,
             done: false,
         }
+    }
+
+    /// A reader of `inner` whose buffered bytes [`ArchiveReader::with_data`]
+    /// hands on in place (a stream that already holds its data in memory
+    /// saves copying every content byte once).
+    pub fn new_buffered(inner: R) -> Self
+    where
+        R: BufRead,
+    {
+        let mut r = Self::new(inner);
+        r.borrow = Some((fill_buf::<R>, consume_buf::<R>));
+        r
     }
 
     /// Stream offset of the next unread byte.
@@ -325,6 +356,66 @@ impl<R: Read> ArchiveReader<R> {
         out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
         self.consume(n);
         self.remaining -= n as u64;
+        Ok(n)
+    }
+
+    /// Hand the next content bytes of the current member, at most `max`,
+    /// to `f`; returns how many (0 at the end of the content). The bytes
+    /// are passed in place when they are in this reader's buffer or, for
+    /// [`ArchiveReader::new_buffered`], in the input's; otherwise they are
+    /// read into `scratch` first. Bytes `f` fails on are left unconsumed
+    /// (skipping the member skips them).
+    ///
+    /// # Errors
+    /// Truncated input, a read error, or `f`'s error.
+    pub fn with_data(
+        &mut self,
+        max: usize,
+        scratch: &mut [u8],
+        f: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<usize> {
+        if self.remaining == 0 || max == 0 {
+            return Ok(0);
+        }
+        let want = usize::try_from(self.remaining)
+            .unwrap_or(usize::MAX)
+            .min(max);
+        if self.start < self.end {
+            let n = want.min(self.end - self.start);
+            f(&self.buf[self.start..self.start + n])?;
+            self.consume(n);
+            self.remaining -= n as u64;
+            return Ok(n);
+        }
+        if let Some((fill, consume)) = self.borrow
+            && !self.eof
+        {
+            let bytes = loop {
+                match fill(&mut self.inner) {
+                    Ok(b) => break b,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(ArchiveError::Stream(e)),
+                }
+            };
+            if bytes.is_empty() {
+                self.eof = true;
+                return Err(ArchiveError::Truncated {
+                    offset: self.offset,
+                    what: "member content",
+                });
+            }
+            let n = want.min(bytes.len());
+            f(&bytes[..n])?;
+            consume(&mut self.inner, n);
+            self.offset += n as u64;
+            self.remaining -= n as u64;
+            return Ok(n);
+        }
+        let take = want.min(scratch.len());
+        let n = self.read_data(&mut scratch[..take])?;
+        if n > 0 {
+            f(&scratch[..n])?;
+        }
         Ok(n)
     }
 

@@ -11,7 +11,7 @@ use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use vzkit_archive::header::padding;
 use vzkit_archive::writer::trailer;
-use vzkit_archive::{ExtractOptions, ExtractReport, MemberKind, extract};
+use vzkit_archive::{ExtractOptions, ExtractReport, MemberKind, extract_buffered};
 
 use crate::backup::BackupStats;
 use crate::catalog::{CatalogReader, Member};
@@ -523,7 +523,29 @@ enum Seg {
     },
 }
 
-type Batch = Vec<Result<Vec<u8>>>;
+type Batch = Vec<Result<Piece>>;
+
+/// A piece of the stream: the reader copies from it without
+/// re-allocating the bytes.
+enum Piece {
+    /// Header blocks or a whole chunk.
+    Owned(Vec<u8>),
+    /// A member's slice (`start..end`) of a chunk shared with the members
+    /// packed next to it.
+    Shared(std::sync::Arc<Vec<u8>>, usize, usize),
+    /// Zeros: padding, or the bytes of a damaged chunk when not strict.
+    Zeros(usize),
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Owned(b) => b.len(),
+            Piece::Shared(_, s, e) => e - s,
+            Piece::Zeros(n) => *n,
+        }
+    }
+}
 
 /// What the catalog thread hands to the reader, in stream order.
 enum Item {
@@ -588,9 +610,10 @@ impl Collect {
 /// decompression context).
 pub struct TarStream {
     rx: std::sync::mpsc::Receiver<Item>,
-    buf: Vec<u8>,
-    /// Pieces of the current batch after `buf`.
-    queue: std::collections::VecDeque<Vec<u8>>,
+    /// The piece being read, from `pos`.
+    cur: Piece,
+    /// Pieces of the current batch after `cur`.
+    queue: std::collections::VecDeque<Piece>,
     pos: usize,
     written: u64,
     done: bool,
@@ -612,28 +635,38 @@ impl std::fmt::Debug for TarStream {
 
 /// Chunk buffers the reader is done with, for the chunk reading threads to
 /// reuse: fresh buffers for every chunk cost allocating and faulting in
-/// memory. At most [`FREE_MAX`] are kept.
+/// memory. At most [`FREE_BYTES`] are kept.
 #[derive(Clone, Default)]
-struct FreeBuffers(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+struct FreeBuffers(std::sync::Arc<std::sync::Mutex<(Vec<Vec<u8>>, usize)>>);
 
-/// Buffers kept for reuse (each holds one chunk, at most 1 MiB by default).
-const FREE_MAX: usize = 32;
+/// Capacity of the buffers kept for reuse: enough for the chunks of the
+/// batches in flight (chunks of 256 KiB on average, at most 1 MiB by default).
+const FREE_BYTES: usize = 32 << 20;
 
 impl FreeBuffers {
-    fn take(&self) -> Vec<u8> {
-        self.0
-            .lock()
-            .ok()
-            .and_then(|mut f| f.pop())
-            .unwrap_or_default()
+    /// A buffer for `len` bytes: a kept one large enough (growing a
+    /// smaller one would fault in fresh memory all the same), or a new one.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let Ok(mut f) = self.0.lock() else {
+            return Vec::new();
+        };
+        match f.0.iter().rposition(|b| b.capacity() >= len) {
+            Some(i) => {
+                let b = f.0.swap_remove(i);
+                f.1 -= b.capacity();
+                b
+            }
+            None => Vec::new(),
+        }
     }
 
     fn give(&self, b: Vec<u8>) {
         if b.capacity() >= 64 << 10
             && let Ok(mut f) = self.0.lock()
-            && f.len() < FREE_MAX
+            && f.1 + b.capacity() <= FREE_BYTES
         {
-            f.push(b);
+            f.1 += b.capacity();
+            f.0.push(b);
         }
     }
 }
@@ -651,12 +684,17 @@ fn read_slices(
     while i < refs.len() {
         let d = refs[i].digest;
         let j = i + refs[i..].iter().take_while(|r| r.digest == d).count();
-        let mut data = free.take();
+        let mut data = free.take(refs[i].len as usize);
         match store.read_chunk_into(&d, refs[i].len, comp, &mut data) {
-            Ok(()) if j == i + 1 && refs[i].is_whole() => out.push(Ok(data)),
+            Ok(()) if j == i + 1 && refs[i].is_whole() => out.push(Ok(Piece::Owned(data))),
             Ok(()) => {
-                out.extend(refs[i..j].iter().map(|r| Ok(r.slice(&data).to_vec())));
-                free.give(data);
+                let data = std::sync::Arc::new(data);
+                out.extend(refs[i..j].iter().map(|r| {
+                    // As `ChunkRef::slice`: bounded by the chunk.
+                    let start = (r.offset as usize).min(data.len());
+                    let end = (start + r.used as usize).min(data.len());
+                    Ok(Piece::Shared(std::sync::Arc::clone(&data), start, end))
+                }));
             }
             Err(e) => {
                 free.give(data);
@@ -785,7 +823,7 @@ impl TarStream {
         });
         Ok(TarStream {
             rx,
-            buf: Vec::new(),
+            cur: Piece::Zeros(0),
             queue: std::collections::VecDeque::new(),
             pos: 0,
             written: 0,
@@ -797,8 +835,6 @@ impl TarStream {
     }
 
     fn fill(&mut self) -> io::Result<()> {
-        self.buf.clear();
-        self.pos = 0;
         let item = self
             .rx
             .recv()
@@ -812,7 +848,7 @@ impl TarStream {
                 .into_iter();
                 for seg in segs {
                     match seg {
-                        Seg::Bytes(b) => self.queue.push_back(b),
+                        Seg::Bytes(b) => self.queue.push_back(Piece::Owned(b)),
                         Seg::Chunk {
                             member,
                             written,
@@ -826,7 +862,7 @@ impl TarStream {
                                 Ok(d) => {
                                     self.queue.push_back(d);
                                     if pad > 0 {
-                                        self.queue.push_back(vec![0; pad]);
+                                        self.queue.push_back(Piece::Zeros(pad));
                                     }
                                 }
                                 Err(e) => {
@@ -842,7 +878,7 @@ impl TarStream {
                                             written,
                                         });
                                     }
-                                    self.queue.push_back(vec![0; used as usize + pad]);
+                                    self.queue.push_back(Piece::Zeros(used as usize + pad));
                                 }
                             }
                         }
@@ -851,7 +887,7 @@ impl TarStream {
             }
             Item::Failed(e) => return Err(io::Error::other(e)),
             Item::End => {
-                self.buf = trailer(self.written);
+                self.queue.push_back(Piece::Owned(trailer(self.written)));
                 self.done = true;
             }
         }
@@ -859,23 +895,50 @@ impl TarStream {
     }
 }
 
-impl Read for TarStream {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos >= self.buf.len() {
-            if let Some(b) = self.queue.pop_front() {
-                self.free.give(std::mem::replace(&mut self.buf, b));
+/// Zeros handed out for [`Piece::Zeros`], at most this many at a time.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+impl io::BufRead for TarStream {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.pos >= self.cur.len() {
+            if let Some(p) = self.queue.pop_front() {
+                match std::mem::replace(&mut self.cur, p) {
+                    Piece::Owned(b) => self.free.give(b),
+                    // The chunk's last member hands it back.
+                    Piece::Shared(a, ..) => {
+                        if let Ok(b) = std::sync::Arc::try_unwrap(a) {
+                            self.free.give(b);
+                        }
+                    }
+                    Piece::Zeros(_) => {}
+                }
                 self.pos = 0;
                 continue;
             }
             if self.done {
-                return Ok(0);
+                return Ok(&[]);
             }
             self.fill()?;
         }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        Ok(match &self.cur {
+            Piece::Owned(b) => &b[self.pos..],
+            Piece::Shared(a, start, end) => &a[start + self.pos..*end],
+            Piece::Zeros(n) => &ZEROS[..(n - self.pos).min(ZEROS.len())],
+        })
+    }
+
+    fn consume(&mut self, n: usize) {
         self.pos += n;
         self.written += n as u64;
+    }
+}
+
+impl Read for TarStream {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let b = io::BufRead::fill_buf(self)?;
+        let n = out.len().min(b.len());
+        out[..n].copy_from_slice(&b[..n]);
+        io::BufRead::consume(self, n);
         Ok(n)
     }
 }
@@ -891,7 +954,7 @@ pub struct RestoreReport {
 }
 
 /// Restore a snapshot (or, with `filter`, part of it) below `target` with
-/// [`vzkit_archive::extract()`]. Files whose chunks are damaged are not
+/// [`vzkit_archive::extract_buffered`]. Files whose chunks are damaged are not
 /// left behind; they are listed in the report and the rest is restored.
 ///
 /// # Errors
@@ -904,7 +967,7 @@ pub fn restore(
     filter: Option<Filter>,
 ) -> Result<RestoreReport> {
     let mut s = TarStream::open_filtered(store, snap, false, filter)?;
-    let report = extract(&mut s, target, opts)?;
+    let report = extract_buffered(&mut s, target, opts)?;
     let failed = std::mem::take(&mut s.failures);
     for f in &failed {
         remove_member(target, f.member.as_bytes(), f.written)?;

@@ -639,7 +639,7 @@ async fn extract_archive(
         };
         let n = std::sync::Arc::clone(&counted.n);
         let (reader, producer) = spawn_decompressor(counted);
-        let report = vzkit_archive::extract(reader, &root, &opts);
+        let report = vzkit_archive::extract_buffered(reader, &root, &opts);
         // The reader is gone: a producer still running stops at its next send.
         if producer.join().is_err() {
             return Err(RestoreError::Failed("decompression thread panicked".into()));
@@ -803,8 +803,8 @@ struct ChannelReader {
     pos: usize,
 }
 
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl std::io::BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.pos == self.cur.len() {
             match self.rx.recv() {
                 Ok(Ok(chunk)) => {
@@ -814,12 +814,23 @@ impl Read for ChannelReader {
                     let _ = self.free.try_send(done);
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
+                Err(_) => return Ok(&[]),
             }
         }
-        let k = buf.len().min(self.cur.len() - self.pos);
-        buf[..k].copy_from_slice(&self.cur[self.pos..self.pos + k]);
-        self.pos += k;
+        Ok(&self.cur[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let b = std::io::BufRead::fill_buf(self)?;
+        let k = buf.len().min(b.len());
+        buf[..k].copy_from_slice(&b[..k]);
+        std::io::BufRead::consume(self, k);
         Ok(k)
     }
 }

@@ -5,11 +5,14 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use vzkit_archive::{ArchiveWriter, ExcludeSet, ExtractOptions, extract, find_member};
+use vzkit_archive::{
+    ArchiveReader, ArchiveWriter, ExcludeSet, ExtractOptions, extract, extract_buffered,
+    find_member,
+};
 
 use crate::common::{
-    COMMON_TAR_FLAGS, Scratch, ShortReader, TmpfsMount, assert_trees_equal, build_fixture, run,
-    run_with_input,
+    COMMON_TAR_FLAGS, Scratch, ShortBufReader, ShortReader, TmpfsMount, assert_trees_equal,
+    build_fixture, run, run_with_input,
 };
 
 fn write_ours(src: &Path, excludes: &ExcludeSet) -> Vec<u8> {
@@ -81,6 +84,77 @@ fn gnu_tar_archive_extracted_by_us_equals_source() {
         "{report:?}"
     );
     assert_trees_equal(&src, &dst);
+}
+
+#[test]
+fn gnu_tar_archive_extracted_from_a_buffered_stream_equals_source() {
+    // File content is written straight from the stream's own pieces, which end
+    // anywhere: inside headers, content and padding.
+    let s = Scratch::new();
+    let src = s.subdir("src");
+    build_fixture(&src);
+    let archive = gnu_tar_create(&src, &[]);
+    let dst = s.subdir("dst");
+    let report = extract_buffered(
+        ShortBufReader::new(&archive),
+        &dst,
+        &ExtractOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        report.errors.is_empty() && report.warnings.is_empty(),
+        "{report:?}"
+    );
+    assert_trees_equal(&src, &dst);
+}
+
+#[test]
+fn content_not_taken_by_a_failed_write_is_skipped_with_the_member() {
+    let s = Scratch::new();
+    let src = s.subdir("src");
+    std::fs::write(src.join("a"), vec![b'a'; 200_000]).unwrap();
+    std::fs::write(src.join("b"), b"second member\n").unwrap();
+    let archive = gnu_tar_create(&src, &["--sort=name"]);
+    for buffered in [false, true] {
+        let mut rd = if buffered {
+            ArchiveReader::new_buffered(ShortBufReader::new(&archive))
+        } else {
+            ArchiveReader::new(ShortBufReader::new(&archive))
+        };
+        let mut names = Vec::new();
+        let mut scratch = vec![0u8; 4096];
+        while let Some(e) = rd.next_entry().unwrap() {
+            names.push(e.name_lossy());
+            if e.name_lossy() == "./a" {
+                // Some content is taken, then a write fails.
+                let n = rd.with_data(1000, &mut scratch, |b| {
+                    assert!(b.iter().all(|&c| c == b'a'));
+                    Ok(())
+                });
+                assert!(n.unwrap() > 0);
+                let failed = rd.with_data(1000, &mut scratch, |_| {
+                    Err(vzkit_archive::ArchiveError::Corrupt {
+                        offset: 0,
+                        message: "write failed".into(),
+                    })
+                });
+                assert!(failed.is_err());
+            }
+            if e.name_lossy() == "./b" {
+                let mut got = Vec::new();
+                while rd
+                    .with_data(usize::MAX, &mut scratch, |b| {
+                        got.extend_from_slice(b);
+                        Ok(())
+                    })
+                    .unwrap()
+                    > 0
+                {}
+                assert_eq!(got, b"second member\n", "buffered: {buffered}");
+            }
+        }
+        assert_eq!(names, ["./", "./a", "./b"], "buffered: {buffered}");
+    }
 }
 
 #[test]

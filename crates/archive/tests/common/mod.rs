@@ -558,3 +558,52 @@ impl<R: std::io::Read> std::io::Read for ShortReader<R> {
         self.inner.read(&mut buf[..n])
     }
 }
+
+/// A buffered reader of a byte slice whose `fill_buf` hands out pieces of
+/// pseudo-random length (1 to 700 bytes), to catch consumers that assume a
+/// piece holds a whole header or member.
+pub struct ShortBufReader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    piece: usize,
+    state: u64,
+}
+
+impl<'a> ShortBufReader<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        ShortBufReader {
+            data,
+            pos: 0,
+            piece: 0,
+            state: 0x2545_f491_4f6c_dd1d,
+        }
+    }
+}
+
+impl std::io::BufRead for ShortBufReader<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.piece == 0 {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            self.piece = (self.state % 700) as usize + 1;
+        }
+        let end = (self.pos + self.piece).min(self.data.len());
+        Ok(&self.data[self.pos..end])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+        self.piece = self.piece.saturating_sub(n);
+    }
+}
+
+impl std::io::Read for ShortBufReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let b = std::io::BufRead::fill_buf(self)?;
+        let n = b.len().min(buf.len());
+        buf[..n].copy_from_slice(&b[..n]);
+        std::io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
