@@ -24,6 +24,16 @@ fn mount_info(path: &Path) -> Option<(String, String, String)> {
     })
 }
 
+/// The source of the mount at `path` (`/dev/loopN` for an image).
+fn mount_source(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        (Path::new(f[4]) == path).then(|| f[sep + 2].to_string())
+    })
+}
+
 fn dumpe2fs_features(image: &Path) -> String {
     let out = Command::new("dumpe2fs")
         .arg("-h")
@@ -190,6 +200,13 @@ fn quota_bind_and_device_mount_points() {
     r.ok("pct", &["mount", "100"]);
     let root = r.join("/var/lib/lxc/100/rootfs");
     assert_eq!(std::fs::read(root.join("shared/f")).unwrap(), b"bind");
+    // Writable images are attached with direct I/O (cached once, not again by the host).
+    for m in [root.clone(), root.join("q")] {
+        let src = mount_source(&m).unwrap();
+        let loopdev = src.strip_prefix("/dev/").unwrap();
+        let dio = std::fs::read_to_string(format!("/sys/block/{loopdev}/loop/dio")).unwrap();
+        assert_eq!(dio.trim(), "1", "{src} of {} is buffered", m.display());
+    }
     let (_, opts, _) = mount_info(&root.join("shared")).unwrap();
     assert!(opts.starts_with("ro"), "bind mount not read-only: {opts}");
     let (fstype, _, _) = mount_info(&root.join("dev-mp")).unwrap();
