@@ -131,15 +131,16 @@ pub fn parse_losetup_associated(output: &str) -> Option<PathBuf> {
     })
 }
 
-/// Attaches `file` to a loop device (reusing one already associated with it, as PVE does).
+/// Attaches `file` to a loop device (reusing one already associated with it, as PVE does,
+/// in whatever mode it has).
 ///
-/// A writable device does direct I/O on the file (`--direct-io=on`, as systemd's loop
-/// devices do): its blocks are cached once, by the file system mounted on it, instead of
-/// a second time in the host's page cache. Writing a restore back then costs one copy of
-/// the data less, and nothing is left to flush from the host's cache at the end. Where the
-/// file's file system cannot do direct I/O, the kernel keeps the device buffered. A
-/// read-only device stays buffered: backups read the same image again and again, and the
-/// host's cache of it serves the next one.
+/// A new writable device does direct I/O on the file (`--direct-io=on`, as systemd's loop
+/// devices do) where [`direct_io_suits`] the file: its blocks are cached once, by the file
+/// system mounted on it, instead of a second time in the host's page cache. Writing a
+/// restore back then costs one copy of the data less, and nothing is left to flush from the
+/// host's cache at the end. If `losetup` cannot set direct I/O up, the device is attached
+/// buffered. A read-only device stays buffered: backups read the same image again and
+/// again, and the host's cache of it serves the next one.
 ///
 /// # Errors
 /// When `losetup` fails.
@@ -148,20 +149,77 @@ pub async fn loop_attach(
     file: &Path,
     read_only: bool,
 ) -> Result<PathBuf, CommandError> {
-    let assoc = runner
-        .run_stdout(&Cmd::new(LOSETUP).arg("--associated").arg(file))
-        .await?;
-    if let Some(dev) = parse_losetup_associated(&assoc) {
+    let direct = !read_only && direct_io_suits(file);
+    loop_attach_as(runner, file, read_only, direct).await
+}
+
+async fn loop_attach_as(
+    runner: &dyn Runner,
+    file: &Path,
+    read_only: bool,
+    direct: bool,
+) -> Result<PathBuf, CommandError> {
+    let associated = async || -> Result<Option<PathBuf>, CommandError> {
+        let out = runner
+            .run_stdout(&Cmd::new(LOSETUP).arg("--associated").arg(file))
+            .await?;
+        Ok(parse_losetup_associated(&out))
+    };
+    if let Some(dev) = associated().await? {
         return Ok(dev);
     }
-    let mut cmd = Cmd::new(LOSETUP).args(["--show", "-f"]);
-    if read_only {
-        cmd = cmd.arg("-r");
-    } else {
-        cmd = cmd.arg("--direct-io=on");
-    }
-    let out = runner.run_stdout(&cmd.arg(file)).await?;
+    let attach = |direct: bool| {
+        let mut cmd = Cmd::new(LOSETUP).args(["--show", "-f"]);
+        if read_only {
+            cmd = cmd.arg("-r");
+        }
+        if direct {
+            cmd = cmd.arg("--direct-io=on");
+        }
+        cmd.arg(file)
+    };
+    let out = match runner.run_stdout(&attach(direct)).await {
+        Ok(out) => out,
+        Err(_) if direct => {
+            // An older losetup may have attached the device before failing to switch it.
+            if let Some(dev) = associated().await? {
+                return Ok(dev);
+            }
+            runner.run_stdout(&attach(false)).await?
+        }
+        Err(e) => return Err(e),
+    };
     Ok(PathBuf::from(out.trim()))
+}
+
+/// Whether a writable loop device on `file` should do direct I/O: only on a local ext4 or
+/// xfs (not on FUSE or network file systems, nor on btrfs, whose data checksums do not
+/// stand pages changing while they are written directly), and only where direct I/O
+/// aligns to 512 bytes: otherwise the kernel gives the device the larger sectors of the
+/// disk below, and a file system made with smaller blocks in the image would not mount.
+#[must_use]
+pub fn direct_io_suits(file: &Path) -> bool {
+    const EXT4_SUPER_MAGIC: u64 = 0xEF53;
+    const XFS_SUPER_MAGIC: u64 = 0x5846_5342;
+    let Ok(fs) = rustix::fs::statfs(file) else {
+        return false;
+    };
+    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+    let magic = fs.f_type as u64;
+    if magic != EXT4_SUPER_MAGIC && magic != XFS_SUPER_MAGIC {
+        return false;
+    }
+    match rustix::fs::statx(
+        rustix::fs::CWD,
+        file,
+        rustix::fs::AtFlags::empty(),
+        rustix::fs::StatxFlags::DIOALIGN,
+    ) {
+        Ok(st) if st.stx_mask & rustix::fs::StatxFlags::DIOALIGN.bits() != 0 => {
+            (1..=512).contains(&st.stx_dio_offset_align)
+        }
+        _ => false,
+    }
 }
 
 /// Detaches a loop device.
@@ -379,10 +437,26 @@ mod tests {
             vec!["losetup --associated /x.raw", "losetup --show -f -r /x.raw"]
         );
 
+        // No such file: nothing says it suits direct I/O.
         let r = RecordingRunner::new();
         r.push_reply(Output::ok(""));
         r.push_reply(Output::ok("/dev/loop3\n"));
         let dev = loop_attach(&r, Path::new("/x.raw"), false).await.unwrap();
+        assert_eq!(dev, Path::new("/dev/loop3"));
+        assert_eq!(
+            r.call_lines(),
+            vec!["losetup --associated /x.raw", "losetup --show -f /x.raw"]
+        );
+    }
+
+    #[tokio::test]
+    async fn direct_io_that_cannot_be_set_up_falls_back_to_buffered() {
+        let r = RecordingRunner::new();
+        r.push_reply(Output::ok(""));
+        r.push_reply(Output::ok("/dev/loop3\n"));
+        let dev = loop_attach_as(&r, Path::new("/x.raw"), false, true)
+            .await
+            .unwrap();
         assert_eq!(dev, Path::new("/dev/loop3"));
         assert_eq!(
             r.call_lines(),
@@ -391,6 +465,64 @@ mod tests {
                 "losetup --show -f --direct-io=on /x.raw"
             ]
         );
+
+        let r = RecordingRunner::new();
+        r.push_reply(Output::ok(""));
+        r.push_reply(Output::failed(
+            1,
+            "losetup: /x.raw: failed to set up loop device",
+        ));
+        r.push_reply(Output::ok(""));
+        r.push_reply(Output::ok("/dev/loop4\n"));
+        let dev = loop_attach_as(&r, Path::new("/x.raw"), false, true)
+            .await
+            .unwrap();
+        assert_eq!(dev, Path::new("/dev/loop4"));
+        assert_eq!(
+            r.call_lines(),
+            vec![
+                "losetup --associated /x.raw",
+                "losetup --show -f --direct-io=on /x.raw",
+                "losetup --associated /x.raw",
+                "losetup --show -f /x.raw"
+            ]
+        );
+
+        // Attached, then failed to switch: the attached device is used.
+        let r = RecordingRunner::new();
+        r.push_reply(Output::ok(""));
+        r.push_reply(Output::failed(
+            1,
+            "losetup: /dev/loop5: set direct io failed",
+        ));
+        r.push_reply(Output::ok("/dev/loop5: [2049]:12 (/x.raw)\n"));
+        let dev = loop_attach_as(&r, Path::new("/x.raw"), false, true)
+            .await
+            .unwrap();
+        assert_eq!(dev, Path::new("/dev/loop5"));
+        assert_eq!(r.call_lines().len(), 3);
+
+        // A buffered attach that fails is not retried.
+        let r = RecordingRunner::new();
+        r.push_reply(Output::ok(""));
+        r.push_reply(Output::failed(1, "losetup: no free loop device"));
+        assert!(
+            loop_attach_as(&r, Path::new("/x.raw"), false, false)
+                .await
+                .is_err()
+        );
+        assert_eq!(r.call_lines().len(), 2);
+    }
+
+    #[test]
+    fn direct_io_only_on_local_disk_file_systems() {
+        assert!(!direct_io_suits(Path::new("/nonexistent/x.raw")));
+        // tmpfs: no disk below, nothing cached twice.
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let f = tempfile::NamedTempFile::new_in(shm).unwrap();
+            assert!(!direct_io_suits(f.path()));
+        }
     }
 
     #[tokio::test]
