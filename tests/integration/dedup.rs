@@ -566,15 +566,22 @@ fn damaged_chunk_in_a_large_file_leaves_the_files_after_it_intact() {
     settle();
     env.backup(&src, 1_700_000_000, &[]);
     let snap = snap_name(1_700_000_000);
-    // Damage all of b-big's chunks (its last one, with the member's padding, too):
-    // noise does not compress, so they are the chunk files of 64 KiB or more (the
-    // packed small files and the config are smaller).
+    // Damage b-big's chunks: the large ones, and its last one (followed by the member's
+    // padding), which may be short. The packed small files and the config are not.
+    let data = fs::read(src.join("d/b-big")).unwrap();
     let big: Vec<_> = env
         .chunk_files()
         .into_iter()
-        .filter(|c| fs::metadata(c).unwrap().len() >= 64 << 10)
+        .filter(|c| {
+            let plain = zstd::decode_all(fs::File::open(c).unwrap()).unwrap();
+            plain.len() >= 64 << 10 || data.ends_with(&plain)
+        })
         .collect();
     assert!(big.len() >= 3, "{big:?}");
+    assert!(big.iter().any(|c| {
+        let plain = zstd::decode_all(fs::File::open(c).unwrap()).unwrap();
+        data.ends_with(&plain)
+    }));
     for chunk in &big {
         let mut bytes = fs::read(chunk).unwrap();
         let mid = bytes.len() / 2;

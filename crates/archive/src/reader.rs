@@ -363,8 +363,9 @@ impl<R: Read> ArchiveReader<R> {
     /// to `f`; returns how many (0 at the end of the content). The bytes
     /// are passed in place when they are in this reader's buffer or, for
     /// [`ArchiveReader::new_buffered`], in the input's; otherwise they are
-    /// read into `scratch` first. Bytes `f` fails on are left unconsumed
-    /// (skipping the member skips them).
+    /// read into `scratch` first (an empty `scratch` then reads nothing).
+    /// After an error of `f` the stream stays in step: the bytes `f` got
+    /// are not handed out again, and skipping the member skips the rest.
     ///
     /// # Errors
     /// Truncated input, a read error, or `f`'s error.

@@ -499,10 +499,13 @@ pub type Filter = Box<dyn FnMut(&Member) -> bool + Send>;
 
 /// Batches in flight ahead of the reader.
 const READ_AHEAD: usize = 8;
-/// A batch is closed at this many distinct chunks, member bytes or stream
+/// A batch is closed at this many distinct chunks, bytes of them or stream
 /// pieces: small files go to the reading threads many at a time (one
 /// hand-over per chunk cost more thread switches than reading the chunk);
-/// consecutive slices of one packed chunk are read once per batch.
+/// consecutive slices of one packed chunk are read once per batch. With
+/// the batches in flight (up to 8 handed on, 8 queued for the reading
+/// threads and one per thread), chunk data in memory stays below about
+/// 40 MiB with chunks of at most 1 MiB.
 const BATCH_CHUNKS: usize = 64;
 const BATCH_BYTES: u64 = 1 << 20;
 const BATCH_SEGS: usize = 1024;
@@ -644,13 +647,20 @@ struct FreeBuffers(std::sync::Arc<std::sync::Mutex<(Vec<Vec<u8>>, usize)>>);
 const FREE_BYTES: usize = 32 << 20;
 
 impl FreeBuffers {
-    /// A buffer for `len` bytes: a kept one large enough (growing a
-    /// smaller one would fault in fresh memory all the same), or a new one.
+    /// A buffer for `len` bytes: the smallest kept one large enough
+    /// (growing a smaller one would fault in fresh memory all the same), or
+    /// a new one.
     fn take(&self, len: usize) -> Vec<u8> {
         let Ok(mut f) = self.0.lock() else {
             return Vec::new();
         };
-        match f.0.iter().rposition(|b| b.capacity() >= len) {
+        let fit =
+            f.0.iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i);
+        match fit {
             Some(i) => {
                 let b = f.0.swap_remove(i);
                 f.1 -= b.capacity();
@@ -754,11 +764,13 @@ fn produce(
         let written = (m.sparse.as_ref().map_or(m.size, |(s, _)| *s), m.mtime);
         let n = m.chunks.len();
         for (i, c) in m.chunks.iter().enumerate() {
+            // A chunk is held whole until its last member is read: its whole
+            // length counts (a filtered stream may use little of a packed one).
             if b.refs.last().is_none_or(|l| l.digest != c.digest) {
                 b.chunks += 1;
+                b.bytes += u64::from(c.len);
             }
             b.refs.push(*c);
-            b.bytes += u64::from(c.used);
             b.segs.push(Seg::Chunk {
                 member: std::sync::Arc::clone(&member),
                 written,
