@@ -996,4 +996,33 @@ fn vzdump_takes_over_trees_of_unchanged_volume_images() {
         assert_eq!(fs::read(dst.join("mnt/data/d3/f3")).unwrap(), b"changed\n");
         compare_trees(&src, &dst, 0, &sk);
     });
+
+    // `--change-detection data` reads every file, straight from the clean images too.
+    std::thread::sleep(Duration::from_millis(1100));
+    let o = tr.run(
+        "vzdump",
+        &[
+            "100",
+            "--storage",
+            "backups",
+            "--mode",
+            "stop",
+            "--change-detection",
+            "data",
+        ],
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("(50 read, 0 unchanged"), "{log}");
+    let read = |suffix: &str| {
+        log.lines()
+            .find(|l| l.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no '{suffix}': {log}"))
+            .to_string()
+    };
+    // "files: 50 (…), 2MB read" and "2MB of it read straight from the volume images".
+    let total = read(" read");
+    let total = total.rsplit(", ").next().unwrap().trim_end_matches(" read");
+    let direct = read(" of it read straight from the volume images");
+    assert!(direct.contains(&format!("INFO: {total} of it")), "{log}");
 }

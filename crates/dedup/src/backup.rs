@@ -434,9 +434,11 @@ pub struct VolumeInfo {
     /// (without volume keys).
     pub layout: String,
     /// The image file the tree's file system is mounted from (read-only,
-    /// through a loop device). With an inode table (so the file system was
-    /// cleanly unmounted before), file data is read straight from the image
-    /// ([`vzkit_archive::direct`]): one copy less than through the loop
+    /// through a loop device), which held a cleanly unmounted file system
+    /// when it was mounted: the caller vouches for that (vzdump checks
+    /// [`crate::ext4scan::is_clean`]; [`VolumeInfo::inodes`] implies it).
+    /// File data is read straight from the image ([`vzkit_archive::direct`],
+    /// which checks the mount itself): one copy less than through the loop
     /// device.
     pub image: Option<PathBuf>,
 }
@@ -1535,7 +1537,6 @@ impl Backup {
             None => None,
         };
         self.state.guide = None;
-        let has_table = volume.inodes.is_some();
         if guided && let (Some(cat), Some(table)) = (&self.state.base_catalog, volume.inodes) {
             let root = rustix::fs::stat(src).map_err(|e| Error::io("stat", src, e.into()))?;
             self.state.guide =
@@ -1546,7 +1547,6 @@ impl Backup {
         let done = AtomicBool::new(false);
         let direct = volume
             .image
-            .filter(|_| has_table)
             .and_then(|p| std::fs::File::open(p).ok())
             .and_then(|f| DirectImage::new(f, src));
         self.walker.set_direct(direct.clone());

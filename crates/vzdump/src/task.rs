@@ -1087,14 +1087,14 @@ async fn archive_dedup(
         (Some("data"), _) | (None, Some("data" | "legacy")) => vzkit_dedup::ChangeDetection::Data,
         _ => vzkit_dedup::ChangeDetection::Metadata,
     };
-    let (keys_before, mut inodes, images) = if stop {
+    let (keys_before, mut inodes, clean) = if stop {
         let images = disk_images(&ctx.storages, &t.plan.disks).await;
         let inodes = if mode == vzkit_dedup::ChangeDetection::Metadata {
             image_inodes(&images).await
         } else {
             Vec::new()
         };
-        (image_keys(&images), inodes, images)
+        (image_keys(&images), inodes, clean_images(&images).await)
     } else {
         (Vec::new(), Vec::new(), Vec::new())
     };
@@ -1130,12 +1130,12 @@ async fn archive_dedup(
                 .map(|i| inodes.swap_remove(i).1),
             context: layout.clone(),
             layout: prefixes.clone(),
-            // Mounted read-only from this image (stop mode); with an inode table, the
-            // file system was cleanly unmounted: file data is read from the image.
-            image: images
+            // Mounted read-only from this image (stop mode), which held a cleanly
+            // unmounted file system: file data is read from the image.
+            image: clean
                 .iter()
                 .find(|(p, _)| *p == s.prefix)
-                .and_then(|(_, i)| i.as_ref().map(|(path, _)| path.clone())),
+                .map(|(_, path)| path.clone()),
         })
         .collect();
     let vmid = t.vmid;
