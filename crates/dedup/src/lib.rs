@@ -201,15 +201,16 @@
 //! # Performance
 //!
 //! `scripts/bench-dedup.sh` (1.23 GB container tree, 31,086 files, 10
-//! versions; 2 cores; three runs in README.md, on a journaled ext4 backup
-//! file system): first backup 3.37–4.07 s against vzdump tar.zst
-//! 3.55–5.58 s (medians of six); unchanged re-backup 2.9–3.3% of the first
-//! (3.4–5.0% when the image changed: inode-guided); 1% change 7.6–10.9%
+//! versions; 2 cores; two runs in README.md, on a journaled ext4 backup
+//! file system): first backup 3.29–4.13 s against vzdump tar.zst
+//! 3.56–5.16 s (medians of six); unchanged re-backup 3.3% of the first
+//! (3.6–3.9% when the image changed: inode-guided); 1% change 8.2–10.0%
 //! (changed files are re-read whole, 170 MB, but their unchanged chunks
-//! are hashed, not cut); 589–590 MB after 10 versions (restic
-//! 608–621 MB); restore 1.07–1.09× the tar.zst's when both run steadily
-//! (medians of five). Not met: the restore, which decompresses and checks
-//! every chunk.
+//! are hashed, not cut); 589 MB after 10 versions (restic 605–615 MB);
+//! restore 1.14–1.28× the tar.zst's (medians of five). Not met: the
+//! restore, whose chunk stream (zstd on separate chunks, a blake3 check of
+//! every chunk, a file per chunk) needs more CPU than decoding one zstd
+//! stream.
 
 /// How many chunk digests a backup, a verification or a collection
 /// remembers to skip repeated work (touching, checking) on chunks it has
