@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use vzkit_archive::{ArchiveError, ExtractOptions, extract};
+use vzkit_archive::{ArchiveError, ExtractOptions, extract, extract_buffered};
 
-use crate::common::{Scratch, snapshot};
+use crate::common::{Scratch, ShortBufReader, snapshot};
 
 /// A ustar header block, built here independently of the crate's encoder.
 fn header(name: &[u8], typeflag: u8, size: usize, link: &[u8]) -> [u8; 512] {
@@ -229,6 +229,16 @@ fn truncated_and_corrupt_streams_fail_cleanly() {
         match check(&good[..cut], &overwrite(), &st) {
             Err(ArchiveError::Truncated { .. }) => {}
             other => panic!("cut at {cut}: expected Truncated, got {other:?}"),
+        }
+        // The same from a buffered stream, whose content is written in place.
+        let buffered = Setup::new();
+        match extract_buffered(
+            ShortBufReader::new(&good[..cut]),
+            &buffered.root(),
+            &overwrite(),
+        ) {
+            Err(ArchiveError::Truncated { .. }) => {}
+            other => panic!("buffered, cut at {cut}: expected Truncated, got {other:?}"),
         }
     }
     let mut bad = good.clone();
