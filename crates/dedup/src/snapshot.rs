@@ -502,10 +502,12 @@ const READ_AHEAD: usize = 8;
 /// A batch is closed at this many distinct chunks, bytes of them or stream
 /// pieces: small files go to the reading threads many at a time (one
 /// hand-over per chunk cost more thread switches than reading the chunk);
-/// consecutive slices of one packed chunk are read once per batch. With
-/// the batches in flight (up to 8 handed on, 8 queued for the reading
-/// threads and one per thread), chunk data in memory stays below about
-/// 40 MiB with chunks of at most 1 MiB.
+/// consecutive slices of one packed chunk are read once per batch. A
+/// batch holds less than 1 MiB of chunks before its last one, so with the
+/// batches in flight (8 handed on, one more waiting to be, one being read)
+/// chunk data stays below about 20 MiB with chunks of at most 1 MiB; the
+/// buffers kept for reuse add at most [`FREE_BYTES`], the reading threads
+/// one compressed chunk each.
 const BATCH_CHUNKS: usize = 64;
 const BATCH_BYTES: u64 = 1 << 20;
 const BATCH_SEGS: usize = 1024;
@@ -579,6 +581,22 @@ struct Collect {
 }
 
 impl Collect {
+    /// Take reference `c` into the batch; true when the batch is full. A
+    /// chunk is held whole until its last member is read: its whole length
+    /// counts (a filtered stream may use little of a packed one). Repeating
+    /// the chunk before (a run of zeros) adds its used bytes, so that such a
+    /// run closes batches too.
+    fn add(&mut self, c: &crate::catalog::ChunkRef) -> bool {
+        if self.refs.last().is_none_or(|l| l.digest != c.digest) {
+            self.chunks += 1;
+            self.bytes += u64::from(c.len);
+        } else {
+            self.bytes += u64::from(c.used);
+        }
+        self.refs.push(*c);
+        self.chunks >= BATCH_CHUNKS || self.bytes >= BATCH_BYTES
+    }
+
     fn flush(
         &mut self,
         out: &std::sync::mpsc::SyncSender<Item>,
@@ -764,20 +782,14 @@ fn produce(
         let written = (m.sparse.as_ref().map_or(m.size, |(s, _)| *s), m.mtime);
         let n = m.chunks.len();
         for (i, c) in m.chunks.iter().enumerate() {
-            // A chunk is held whole until its last member is read: its whole
-            // length counts (a filtered stream may use little of a packed one).
-            if b.refs.last().is_none_or(|l| l.digest != c.digest) {
-                b.chunks += 1;
-                b.bytes += u64::from(c.len);
-            }
-            b.refs.push(*c);
+            let full = b.add(c);
             b.segs.push(Seg::Chunk {
                 member: std::sync::Arc::clone(&member),
                 written,
                 used: c.used,
                 pad: if i + 1 == n { padding(m.size) } else { 0 },
             });
-            if b.chunks >= BATCH_CHUNKS || b.bytes >= BATCH_BYTES {
+            if full {
                 b.flush(out, jobs)?;
             }
         }
@@ -1138,4 +1150,53 @@ pub fn extract_path(
         true
     };
     restore(store, snap, dest, &opts, Some(Box::new(filter)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::ChunkRef;
+
+    /// How many references go into each batch, for `refs` in order.
+    fn batch_sizes(refs: &[ChunkRef]) -> Vec<usize> {
+        let mut b = Collect::default();
+        let mut sizes = Vec::new();
+        for c in refs {
+            if b.add(c) {
+                sizes.push(b.refs.len());
+                b = Collect::default();
+            }
+        }
+        sizes.push(b.refs.len());
+        sizes
+    }
+
+    #[test]
+    fn batches_close_by_chunks_and_bytes_of_whole_chunks() {
+        let d = |n: u8| [n; 32];
+        // A run of one repeated 1 MiB chunk (a file of zeros): one reference a batch.
+        let zeros = vec![ChunkRef::whole(d(0), 1 << 20); 1000];
+        assert_eq!(batch_sizes(&zeros), [vec![1; 1000], vec![0]].concat());
+        // A repeated small chunk: closed by the bytes used.
+        let small = vec![ChunkRef::whole(d(0), 4096); 1000];
+        assert!(
+            batch_sizes(&small).iter().all(|&n| n <= 256),
+            "{:?}",
+            batch_sizes(&small)
+        );
+        // Distinct small chunks: 64 a batch.
+        let distinct: Vec<_> = (0..=255).map(|n| ChunkRef::whole(d(n), 4096)).collect();
+        assert_eq!(batch_sizes(&distinct), [64, 64, 64, 64, 0]);
+        // Members using 100 bytes each of distinct 512 KiB packed chunks: the whole chunk
+        // counts, two a batch.
+        let packed: Vec<_> = (0..6)
+            .map(|n| ChunkRef {
+                digest: d(n),
+                len: 512 << 10,
+                offset: 0,
+                used: 100,
+            })
+            .collect();
+        assert_eq!(batch_sizes(&packed), [2, 2, 2, 0]);
+    }
 }

@@ -149,7 +149,15 @@ pub async fn loop_attach(
     file: &Path,
     read_only: bool,
 ) -> Result<PathBuf, CommandError> {
-    let direct = !read_only && direct_io_suits(file);
+    let direct = if read_only {
+        false
+    } else {
+        // statfs/statx may block (a hung network file system): off the async threads.
+        let f = file.to_path_buf();
+        tokio::task::spawn_blocking(move || direct_io_suits(&f))
+            .await
+            .unwrap_or(false)
+    };
     loop_attach_as(runner, file, read_only, direct).await
 }
 
@@ -182,7 +190,7 @@ async fn loop_attach_as(
         Ok(out) => out,
         Err(_) if direct => {
             // An older losetup may have attached the device before failing to switch it.
-            if let Some(dev) = associated().await? {
+            if let Ok(Some(dev)) = associated().await {
                 return Ok(dev);
             }
             runner.run_stdout(&attach(false)).await?
@@ -199,13 +207,14 @@ async fn loop_attach_as(
 /// disk below, and a file system made with smaller blocks in the image would not mount.
 #[must_use]
 pub fn direct_io_suits(file: &Path) -> bool {
-    const EXT4_SUPER_MAGIC: u64 = 0xEF53;
-    const XFS_SUPER_MAGIC: u64 = 0x5846_5342;
+    const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
     let Ok(fs) = rustix::fs::statfs(file) else {
         return false;
     };
-    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
-    let magic = fs.f_type as u64;
+    // `f_type` is an i64 on some targets and a u32 on others.
+    #[allow(clippy::unnecessary_cast)]
+    let magic = fs.f_type as i64;
     if magic != EXT4_SUPER_MAGIC && magic != XFS_SUPER_MAGIC {
         return false;
     }

@@ -87,8 +87,27 @@ fn overwrite() -> ExtractOptions {
 }
 
 fn check(archive: &[u8], opts: &ExtractOptions, setup: &Setup) -> Result<(), ArchiveError> {
+    guarded(setup, || extract(archive, &setup.root(), opts).map(|_| ()))
+}
+
+/// [`check`] from a buffered stream of short pieces (content written in place).
+fn check_buffered(
+    archive: &[u8],
+    opts: &ExtractOptions,
+    setup: &Setup,
+) -> Result<(), ArchiveError> {
+    guarded(setup, || {
+        extract_buffered(ShortBufReader::new(archive), &setup.root(), opts).map(|_| ())
+    })
+}
+
+/// Run an extraction; nothing outside the root may have changed.
+fn guarded(
+    setup: &Setup,
+    f: impl FnOnce() -> Result<(), ArchiveError>,
+) -> Result<(), ArchiveError> {
     let before = snapshot(&setup.outside());
-    let res = extract(archive, &setup.root(), opts).map(|_| ());
+    let res = f();
     assert_eq!(
         snapshot(&setup.outside()),
         before,
@@ -220,39 +239,40 @@ fn symlink_replacing_a_directory_mid_archive() {
 
 #[test]
 fn truncated_and_corrupt_streams_fail_cleanly() {
-    let st = Setup::new();
     let good = Tar::default()
         .file("./a", &[7u8; 3000])
         .file("./b", b"bb")
         .end();
-    for cut in [0, 100, 512, 1000, 3584, 4096, good.len() - 1024] {
-        match check(&good[..cut], &overwrite(), &st) {
-            Err(ArchiveError::Truncated { .. }) => {}
-            other => panic!("cut at {cut}: expected Truncated, got {other:?}"),
+    // Read plainly, and from a buffered stream whose content is written in place.
+    for buffered in [false, true] {
+        let st = Setup::new();
+        let run = |a: &[u8]| {
+            if buffered {
+                check_buffered(a, &overwrite(), &st)
+            } else {
+                check(a, &overwrite(), &st)
+            }
+        };
+        for cut in [0, 100, 512, 1000, 3584, 4096, good.len() - 1024] {
+            match run(&good[..cut]) {
+                Err(ArchiveError::Truncated { .. }) => {}
+                other => {
+                    panic!("buffered {buffered}, cut at {cut}: expected Truncated, got {other:?}")
+                }
+            }
         }
-        // The same from a buffered stream, whose content is written in place.
-        let buffered = Setup::new();
-        match extract_buffered(
-            ShortBufReader::new(&good[..cut]),
-            &buffered.root(),
-            &overwrite(),
-        ) {
-            Err(ArchiveError::Truncated { .. }) => {}
-            other => panic!("buffered, cut at {cut}: expected Truncated, got {other:?}"),
+        let mut bad = good.clone();
+        bad[10] ^= 1; // name byte; checksum no longer matches
+        match run(&bad) {
+            Err(e @ ArchiveError::Corrupt { .. }) => {
+                assert!(e.to_string().contains("checksum"), "{e}")
+            }
+            other => panic!("buffered {buffered}: expected Corrupt, got {other:?}"),
         }
+        let mut garbage = crate::common::noise(4096, 77);
+        garbage.extend_from_slice(&[0u8; 1024]);
+        assert!(matches!(run(&garbage), Err(ArchiveError::Corrupt { .. })));
     }
-    let mut bad = good.clone();
-    bad[10] ^= 1; // name byte; checksum no longer matches
-    match check(&bad, &overwrite(), &st) {
-        Err(e @ ArchiveError::Corrupt { .. }) => assert!(e.to_string().contains("checksum"), "{e}"),
-        other => panic!("expected Corrupt, got {other:?}"),
-    }
-    let mut garbage = crate::common::noise(4096, 77);
-    garbage.extend_from_slice(&[0u8; 1024]);
-    assert!(matches!(
-        check(&garbage, &overwrite(), &st),
-        Err(ArchiveError::Corrupt { .. })
-    ));
 }
 
 #[test]
