@@ -367,16 +367,25 @@ pub struct VolumeKey {
 /// (`write`, loop devices with or without direct I/O, `mmap`), updates its
 /// ctime: ext2/3/4, xfs, btrfs, tmpfs, zfs. Network and FUSE file systems
 /// (where another client or a daemon may write) are not trusted.
-const TRUSTED_FS: [u64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0x2FC1_2FC1];
+const TRUSTED_FS: [u64; 5] = {
+    use vzkit_host::mount::{
+        BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC, ZFS_SUPER_MAGIC,
+    };
+    [
+        EXT4_SUPER_MAGIC,
+        XFS_SUPER_MAGIC,
+        BTRFS_SUPER_MAGIC,
+        TMPFS_MAGIC,
+        ZFS_SUPER_MAGIC,
+    ]
+};
 
 impl VolumeKey {
     /// The key of the image file at `path`: `None` unless it is a regular
     /// file on a trusted local file system.
     #[must_use]
     pub fn of_image(path: &Path) -> Option<VolumeKey> {
-        let fs = rustix::fs::statfs(path).ok()?;
-        #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
-        let magic = u64::try_from(fs.f_type as i64).ok()?;
+        let magic = vzkit_host::mount::fs_magic(path).ok()?;
         if !TRUSTED_FS.contains(&magic) {
             return None;
         }

@@ -207,15 +207,7 @@ async fn loop_attach_as(
 /// disk below, and a file system made with smaller blocks in the image would not mount.
 #[must_use]
 pub fn direct_io_suits(file: &Path) -> bool {
-    const EXT4_SUPER_MAGIC: i64 = 0xEF53;
-    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
-    let Ok(fs) = rustix::fs::statfs(file) else {
-        return false;
-    };
-    // `f_type` is an i64 on some targets and a u32 on others.
-    #[allow(clippy::unnecessary_cast)]
-    let magic = fs.f_type as i64;
-    if magic != EXT4_SUPER_MAGIC && magic != XFS_SUPER_MAGIC {
+    if !matches!(fs_magic(file), Ok(EXT4_SUPER_MAGIC | XFS_SUPER_MAGIC)) {
         return false;
     }
     match rustix::fs::statx(
@@ -229,6 +221,29 @@ pub fn direct_io_suits(file: &Path) -> bool {
         }
         _ => false,
     }
+}
+
+/// `statfs` type of ext2/3/4.
+pub const EXT4_SUPER_MAGIC: u64 = 0xEF53;
+/// `statfs` type of xfs.
+pub const XFS_SUPER_MAGIC: u64 = 0x5846_5342;
+/// `statfs` type of btrfs.
+pub const BTRFS_SUPER_MAGIC: u64 = 0x9123_683E;
+/// `statfs` type of tmpfs.
+pub const TMPFS_MAGIC: u64 = 0x0102_1994;
+/// `statfs` type of zfs.
+pub const ZFS_SUPER_MAGIC: u64 = 0x2FC1_2FC1;
+
+/// The type of the file system holding `path` (`statfs`'s `f_type`, an i64 on some targets
+/// and a u32 on others).
+///
+/// # Errors
+/// When `statfs` fails.
+pub fn fs_magic(path: &Path) -> std::io::Result<u64> {
+    let fs = rustix::fs::statfs(path)?;
+    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+    u64::try_from(fs.f_type as i64)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))
 }
 
 /// Detaches a loop device.

@@ -40,8 +40,6 @@ use crate::volid::{self, ParsedVolname, VolumeType};
 
 /// The `btrfs` tool.
 pub const BTRFS: &str = "btrfs";
-/// The magic number of btrfs in `statfs`.
-const BTRFS_MAGIC: u64 = 0x9123_683e;
 /// The inode number of a subvolume's root directory.
 const BTRFS_FIRST_FREE_OBJECTID: u64 = 256;
 
@@ -379,9 +377,9 @@ impl StoragePlugin for BtrfsPlugin {
         if self.section.get("mkdir").is_none_or(|v| v != "0") {
             std::fs::create_dir_all(path).map_err(io_err("unable to create directory", path))?;
         }
-        let st = rustix::fs::statfs(path)
-            .map_err(|e| StorageError::io("statfs on", path, std::io::Error::from(e)))?;
-        if st.f_type as u64 != BTRFS_MAGIC {
+        let magic = vzkit_host::mount::fs_magic(path)
+            .map_err(|e| StorageError::io("statfs on", path, e))?;
+        if magic != vzkit_host::mount::BTRFS_SUPER_MAGIC {
             return Err(StorageError::Invalid(format!(
                 "'{}' is not a btrfs file system",
                 path.display()
