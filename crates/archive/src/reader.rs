@@ -181,6 +181,19 @@ fn consume_buf<R: BufRead>(r: &mut R, n: usize) {
     r.consume(n);
 }
 
+/// `Read::read` of a `BufRead` that keeps its bytes itself: a copy out of
+/// its buffer (for the `Read` an [`ArchiveReader`] needs besides).
+///
+/// # Errors
+/// `fill_buf`'s.
+pub fn read_buffered<R: BufRead>(r: &mut R, out: &mut [u8]) -> io::Result<usize> {
+    let b = r.fill_buf()?;
+    let n = out.len().min(b.len());
+    out[..n].copy_from_slice(&b[..n]);
+    r.consume(n);
+    Ok(n)
+}
+
 /// A streaming reader of tar members.
 pub struct ArchiveReader<R: Read> {
     inner: R,

@@ -658,7 +658,7 @@ impl std::fmt::Debug for TarStream {
 /// reuse: fresh buffers for every chunk cost allocating and faulting in
 /// memory. At most [`FREE_BYTES`] are kept.
 #[derive(Clone, Default)]
-struct FreeBuffers(std::sync::Arc<std::sync::Mutex<(Vec<Vec<u8>>, usize)>>);
+struct FreeBuffers(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
 
 /// Capacity of the buffers kept for reuse: enough for the chunks of the
 /// batches in flight (chunks of 256 KiB on average, at most 1 MiB by default).
@@ -672,29 +672,21 @@ impl FreeBuffers {
         let Ok(mut f) = self.0.lock() else {
             return Vec::new();
         };
-        let fit =
-            f.0.iter()
-                .enumerate()
-                .filter(|(_, b)| b.capacity() >= len)
-                .min_by_key(|(_, b)| b.capacity())
-                .map(|(i, _)| i);
-        match fit {
-            Some(i) => {
-                let b = f.0.swap_remove(i);
-                f.1 -= b.capacity();
-                b
-            }
-            None => Vec::new(),
-        }
+        let fit = f
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        fit.map(|i| f.swap_remove(i)).unwrap_or_default()
     }
 
     fn give(&self, b: Vec<u8>) {
         if b.capacity() >= 64 << 10
             && let Ok(mut f) = self.0.lock()
-            && f.1 + b.capacity() <= FREE_BYTES
+            && f.iter().map(Vec::capacity).sum::<usize>() + b.capacity() <= FREE_BYTES
         {
-            f.1 += b.capacity();
-            f.0.push(b);
+            f.push(b);
         }
     }
 }
@@ -959,11 +951,7 @@ impl io::BufRead for TarStream {
 
 impl Read for TarStream {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let b = io::BufRead::fill_buf(self)?;
-        let n = out.len().min(b.len());
-        out[..n].copy_from_slice(&b[..n]);
-        io::BufRead::consume(self, n);
-        Ok(n)
+        vzkit_archive::reader::read_buffered(self, out)
     }
 }
 

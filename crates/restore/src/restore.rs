@@ -827,11 +827,7 @@ impl std::io::BufRead for ChannelReader {
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let b = std::io::BufRead::fill_buf(self)?;
-        let k = buf.len().min(b.len());
-        buf[..k].copy_from_slice(&b[..k]);
-        std::io::BufRead::consume(self, k);
-        Ok(k)
+        vzkit_archive::reader::read_buffered(self, buf)
     }
 }
 

@@ -600,10 +600,6 @@ impl std::io::BufRead for ShortBufReader<'_> {
 
 impl std::io::Read for ShortBufReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let b = std::io::BufRead::fill_buf(self)?;
-        let n = b.len().min(buf.len());
-        buf[..n].copy_from_slice(&b[..n]);
-        std::io::BufRead::consume(self, n);
-        Ok(n)
+        vzkit_archive::reader::read_buffered(self, buf)
     }
 }
