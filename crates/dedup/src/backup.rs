@@ -36,7 +36,9 @@ use vzkit_archive::{
     ArchiveError, ExcludeSet, FileData, IdMap, MemberKind, StatKey, TreeSink, Walker,
 };
 
-use crate::catalog::{CatalogReader, CatalogWriter, ChunkRef, DATA_TREE, Member, walk_order};
+use crate::catalog::{
+    CatalogReader, CatalogWriter, ChunkRef, DATA_TREE, Member, check_of, walk_order,
+};
 use crate::chunker::{ChunkSizes, Chunker, Hint};
 use crate::error::{Error, Result};
 use crate::ext4scan::InodeTable;
@@ -834,10 +836,10 @@ impl State {
 
     fn add_chunk(&mut self, data: &[u8], d: &[u8; 32], out: &mut Vec<ChunkRef>) -> Result<()> {
         self.store_chunk(data, d)?;
-        out.push(ChunkRef::whole(
-            *d,
-            u32::try_from(data.len()).unwrap_or(u32::MAX),
-        ));
+        out.push(
+            ChunkRef::whole(*d, u32::try_from(data.len()).unwrap_or(u32::MAX))
+                .with_check(check_of(data)),
+        );
         self.stats.chunks += 1;
         Ok(())
     }
@@ -848,6 +850,7 @@ impl State {
         self.store_chunk(data, d)?;
         let d = *d;
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let check = check_of(data);
         let (cs, ce) = (self.pack.cut, self.pack.cut + data.len() as u64);
         self.pack.cut = ce;
         while let Some(sp) = self.pack.spans.front() {
@@ -862,6 +865,7 @@ impl State {
                     len,
                     offset: u32::try_from(start - cs).unwrap_or(u32::MAX),
                     used: u32::try_from(stop - start).unwrap_or(u32::MAX),
+                    check,
                 });
                 self.stats.chunks += 1;
             }
@@ -2091,6 +2095,8 @@ mod tests {
             }
         }
         assert_eq!(got.unwrap(), one);
+        let (files, packed) = checked_refs(&store, &r.snapshot);
+        assert!(files >= 300 && packed, "{files} {packed}");
 
         // A cancel while a large file is being chunked stops the backup, well
         // before the 14 s the paced reads would take.
@@ -2205,6 +2211,28 @@ mod tests {
         let want = w.finish().unwrap();
         assert!(stream(&store, &second.snapshot) == want, "stream differs");
         assert_ne!(stream(&store, &first.snapshot), want);
+        // Reused chunk lists (big, a/copy) keep their checks.
+        assert_eq!(checked_refs(&store, &second.snapshot).0, 3);
+    }
+
+    /// Every chunk reference of a snapshot's files carries the check of its
+    /// chunk's data: the number of files with data, and whether slices of
+    /// packed chunks were among them.
+    fn checked_refs(store: &Store, snap: &SnapshotRef) -> (usize, bool) {
+        let mut cat = snapshot::catalog(store, snap).unwrap();
+        let (mut files, mut packed) = (0, false);
+        while let Some(m) = cat.next_member().unwrap() {
+            if m.tree == DATA_TREE || m.chunks.is_empty() {
+                continue;
+            }
+            files += 1;
+            for c in &m.chunks {
+                let data = store.read_chunk(&c.digest, c.len).unwrap();
+                assert_eq!(c.check, check_of(&data), "{}", m.name_lossy());
+                packed |= !c.is_whole();
+            }
+        }
+        (files, packed)
     }
 
     /// The chunk digests of `name` in a snapshot.

@@ -707,7 +707,7 @@ fn read_slices(
         let d = refs[i].digest;
         let j = i + refs[i..].iter().take_while(|r| r.digest == d).count();
         let mut data = free.take(refs[i].len as usize);
-        match store.read_chunk_into(&d, refs[i].len, comp, &mut data) {
+        match store.read_chunk_for(&refs[i], comp, &mut data) {
             Ok(()) if j == i + 1 && refs[i].is_whole() => out.push(Ok(Piece::Owned(data))),
             Ok(()) => {
                 let data = std::sync::Arc::new(data);
@@ -1187,6 +1187,7 @@ mod tests {
                 len: 2 << 20,
                 offset: 0,
                 used: 100,
+                check: 0,
             })
             .collect();
         assert_eq!(batch_sizes(&packed), [2, 2, 2, 0]);

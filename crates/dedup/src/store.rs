@@ -27,6 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{FlockOperation, Timespec, Timestamps};
 
+use crate::catalog::{ChunkRef, check_of};
 use crate::error::{Error, Result};
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -285,6 +286,23 @@ impl Store {
         comp: &mut Vec<u8>,
         data: &mut Vec<u8>,
     ) -> Result<()> {
+        self.read_chunk_for(&ChunkRef::whole(*d, len), comp, data)
+    }
+
+    /// [`Store::read_chunk_into`] for reference `r`: the data is checked
+    /// against the reference's check if it has one (see
+    /// [`crate::catalog::check_of`]), else against its digest.
+    ///
+    /// # Errors
+    /// `BadChunk` if it is missing, cannot be decompressed or does not
+    /// match its check (or digest) or length.
+    pub fn read_chunk_for(
+        &self,
+        r: &ChunkRef,
+        comp: &mut Vec<u8>,
+        data: &mut Vec<u8>,
+    ) -> Result<()> {
+        let (d, len) = (&r.digest, r.len);
         let bad = |m: String| Error::BadChunk {
             digest: hex(d),
             message: m,
@@ -305,8 +323,12 @@ impl Store {
         if data.len() != len as usize {
             return Err(bad(format!("length {} instead of {len}", data.len())));
         }
-        if blake3::hash(data).as_bytes() != d {
-            return Err(bad("content does not match its digest".into()));
+        if r.check == 0 {
+            if blake3::hash(data).as_bytes() != d {
+                return Err(bad("content does not match its digest".into()));
+            }
+        } else if check_of(data) != r.check {
+            return Err(bad("content does not match its check".into()));
         }
         Ok(())
     }
@@ -576,11 +598,33 @@ mod tests {
         assert_eq!(s.insert_chunk(&d, &data, 3, "t").unwrap(), 0);
         assert_eq!(s.read_chunk(&d, data.len() as u32).unwrap(), data);
         assert_eq!(parse_hex(&hex(&d)), Some(d));
-        // Store another chunk's bytes under this name: caught by the digest.
-        let other = zstd::bulk::compress(b"other", 3).unwrap();
-        std::fs::write(s.chunk_path(&d), other).unwrap();
-        let e = s.read_chunk(&d, 5).unwrap_err().to_string();
-        assert!(e.contains("does not match"), "{e}");
+        // Read for a reference with a check: compared with the check.
+        let r = ChunkRef::whole(d, data.len() as u32).with_check(check_of(&data));
+        let (mut comp, mut got) = (Vec::new(), Vec::new());
+        s.read_chunk_for(&r, &mut comp, &mut got).unwrap();
+        assert_eq!(got, data);
+        let e = s
+            .read_chunk_for(&r.with_check(r.check ^ 1), &mut comp, &mut got)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not match its check"), "{e}");
+        // Store another chunk's bytes (of the same length) under this name:
+        // caught by the check, and by the digest for references without one.
+        let other = b"other chunk".repeat(100);
+        let z = zstd::bulk::compress(&other, 3).unwrap();
+        std::fs::write(s.chunk_path(&d), z).unwrap();
+        let e = s
+            .read_chunk_for(&r, &mut comp, &mut got)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not match its check"), "{e}");
+        let e = s.read_chunk(&d, data.len() as u32).unwrap_err().to_string();
+        assert!(e.contains("does not match its digest"), "{e}");
+        // A reference recording the check of these bytes takes them: the
+        // check, not the digest, decides.
+        s.read_chunk_for(&r.with_check(check_of(&other)), &mut comp, &mut got)
+            .unwrap();
+        assert_eq!(got, other);
     }
 
     #[test]
