@@ -693,30 +693,98 @@ impl FreeBuffers {
     }
 }
 
+/// Packed chunks read lately, kept for the members further on that use
+/// them again: small files are packed in the order a backup read them, so a
+/// restore meets a pack chunk again after the large files the walk met
+/// between its small ones, and after files changed in later versions, which
+/// are packed into chunks of their own backups (in the benchmark's tenth
+/// version the chunks read without this came to 1.8 times the distinct
+/// chunks). Bounded by the buffers' capacity; the least recently used go
+/// first, back to the free buffers once no piece holds them.
+#[derive(Clone, Default)]
+struct ChunkCache(std::sync::Arc<std::sync::Mutex<CacheInner>>);
+
+#[derive(Default)]
+struct CacheInner {
+    /// Least recently used first.
+    items: std::collections::VecDeque<([u8; 32], std::sync::Arc<Vec<u8>>)>,
+    bytes: usize,
+}
+
+/// Capacity of the packed chunks kept in the [`ChunkCache`].
+const CACHE_BYTES: usize = 16 << 20;
+
+impl ChunkCache {
+    fn get(&self, d: &[u8; 32]) -> Option<std::sync::Arc<Vec<u8>>> {
+        let mut c = self.0.lock().ok()?;
+        let i = c.items.iter().rposition(|(k, _)| k == d)?;
+        let e = c.items.remove(i)?;
+        let data = std::sync::Arc::clone(&e.1);
+        c.items.push_back(e);
+        Some(data)
+    }
+
+    fn put(&self, d: [u8; 32], data: &std::sync::Arc<Vec<u8>>, free: &FreeBuffers) {
+        let Ok(mut c) = self.0.lock() else {
+            return;
+        };
+        if c.items.iter().any(|(k, _)| *k == d) {
+            return;
+        }
+        c.bytes += data.capacity();
+        c.items.push_back((d, std::sync::Arc::clone(data)));
+        while c.bytes > CACHE_BYTES {
+            let Some((_, old)) = c.items.pop_front() else {
+                break;
+            };
+            c.bytes -= old.capacity();
+            if let Ok(b) = std::sync::Arc::try_unwrap(old) {
+                free.give(b);
+            }
+        }
+    }
+}
+
+/// The pieces of `refs` (all of one chunk) out of its data.
+fn slices(refs: &[crate::catalog::ChunkRef], data: &std::sync::Arc<Vec<u8>>) -> Vec<Result<Piece>> {
+    refs.iter()
+        .map(|r| {
+            // As `ChunkRef::slice`: bounded by the chunk.
+            let start = (r.offset as usize).min(data.len());
+            let end = (start + r.used as usize).min(data.len());
+            Ok(Piece::Shared(std::sync::Arc::clone(data), start, end))
+        })
+        .collect()
+}
+
 /// The data of each reference, in order; a chunk referred to by
-/// consecutive references (small files packed into it) is read once.
+/// consecutive references (small files packed into it) is read once, and
+/// a packed chunk read lately is taken from `cache`.
 fn read_slices(
     store: &Store,
     refs: &[crate::catalog::ChunkRef],
     comp: &mut Vec<u8>,
     free: &FreeBuffers,
+    cache: &ChunkCache,
 ) -> Batch {
     let mut out = Vec::with_capacity(refs.len());
     let mut i = 0;
     while i < refs.len() {
         let d = refs[i].digest;
         let j = i + refs[i..].iter().take_while(|r| r.digest == d).count();
+        let packed = j > i + 1 || !refs[i].is_whole();
+        if packed && let Some(data) = cache.get(&d) {
+            out.extend(slices(&refs[i..j], &data));
+            i = j;
+            continue;
+        }
         let mut data = free.take(refs[i].len as usize);
         match store.read_chunk_for(&refs[i], comp, &mut data) {
-            Ok(()) if j == i + 1 && refs[i].is_whole() => out.push(Ok(Piece::Owned(data))),
+            Ok(()) if !packed => out.push(Ok(Piece::Owned(data))),
             Ok(()) => {
                 let data = std::sync::Arc::new(data);
-                out.extend(refs[i..j].iter().map(|r| {
-                    // As `ChunkRef::slice`: bounded by the chunk.
-                    let start = (r.offset as usize).min(data.len());
-                    let end = (start + r.used as usize).min(data.len());
-                    Ok(Piece::Shared(std::sync::Arc::clone(&data), start, end))
-                }));
+                cache.put(d, &data, free);
+                out.extend(slices(&refs[i..j], &data));
             }
             Err(e) => {
                 free.give(data);
@@ -820,10 +888,12 @@ impl TarStream {
         let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
         let workers = std::thread::available_parallelism().map_or(2, usize::from);
         let free = FreeBuffers::default();
+        let cache = ChunkCache::default();
         for _ in 0..workers {
             let job_rx = std::sync::Arc::clone(&job_rx);
             let store = store.clone();
             let free = free.clone();
+            let cache = cache.clone();
             std::thread::spawn(move || {
                 let mut comp = Vec::new();
                 loop {
@@ -832,7 +902,7 @@ impl TarStream {
                         Err(_) => return,
                     };
                     let Ok((refs, tx)) = job else { return };
-                    let _ = tx.send(read_slices(&store, &refs, &mut comp, &free));
+                    let _ = tx.send(read_slices(&store, &refs, &mut comp, &free, &cache));
                 }
             });
         }
@@ -1036,11 +1106,14 @@ fn remove_member(root: &Path, member: &[u8], written: (u64, i64)) -> Result<()> 
 }
 
 /// Write the snapshot as a `.tar.zst` archive (as vzdump writes it).
+/// `out` may be a pipe or a device (`/dev/stdout`): it is then written to,
+/// neither synced nor removed.
 ///
 /// # Errors
-/// Damaged chunks (naming the file), write errors. A partial output is removed.
+/// Damaged chunks (naming the file), write errors. A partial output file is removed.
 pub fn export(store: &Store, snap: &SnapshotRef, out: &Path, level: i32) -> Result<u64> {
     let mut s = TarStream::open(store, snap, true)?;
+    let file = std::fs::metadata(out).map_or(true, |m| m.is_file());
     let res = (|| {
         let f = std::fs::File::create(out).map_err(|e| Error::io("create", out, e))?;
         let mut enc = zstd::stream::write::Encoder::new(f, level)
@@ -1049,10 +1122,12 @@ pub fn export(store: &Store, snap: &SnapshotRef, out: &Path, level: i32) -> Resu
         let _ = enc.multithread(u32::try_from(threads).unwrap_or(1));
         let n = io::copy(&mut s, &mut enc).map_err(|e| Error::io("export to", out, e))?;
         let f = enc.finish().map_err(|e| Error::io("write", out, e))?;
-        f.sync_all().map_err(|e| Error::io("fsync", out, e))?;
+        if file {
+            f.sync_all().map_err(|e| Error::io("fsync", out, e))?;
+        }
         Ok(n)
     })();
-    if res.is_err() {
+    if res.is_err() && file {
         let _ = std::fs::remove_file(out);
     }
     res
@@ -1159,6 +1234,69 @@ mod tests {
         }
         sizes.push(b.refs.len());
         sizes
+    }
+
+    /// The bytes of a batch's pieces, or its first error.
+    fn batch_bytes(b: Batch) -> std::result::Result<Vec<Vec<u8>>, String> {
+        b.into_iter()
+            .map(|p| match p.map_err(|e| e.to_string())? {
+                Piece::Owned(v) => Ok(v),
+                Piece::Shared(a, s, e) => Ok(a[s..e].to_vec()),
+                Piece::Zeros(n) => Ok(vec![0; n]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_chunks_read_lately_come_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let put = |data: &[u8]| {
+            let d = *blake3::hash(data).as_bytes();
+            store.insert_chunk(&d, data, 3, "t").unwrap();
+            ChunkRef::whole(d, data.len() as u32).with_check(crate::catalog::check_of(data))
+        };
+        let pack = b"first member|second member".to_vec();
+        let p = put(&pack);
+        let first = ChunkRef { used: 12, ..p };
+        let second = ChunkRef {
+            offset: 13,
+            used: 13,
+            ..p
+        };
+        let big = put(&[7; 3000]);
+        let (free, cache) = (FreeBuffers::default(), ChunkCache::default());
+        let mut comp = Vec::new();
+        // A large file between the members packed together: the pack chunk is read once.
+        let b = read_slices(&store, &[first, big], &mut comp, &free, &cache);
+        assert_eq!(batch_bytes(b).unwrap(), [&pack[..12], &[7; 3000][..]]);
+        std::fs::remove_file(store.chunk_path(&p.digest)).unwrap();
+        let b = read_slices(&store, &[big, second], &mut comp, &free, &cache);
+        assert_eq!(batch_bytes(b).unwrap(), [&[7; 3000][..], &pack[13..]]);
+        // Whole chunks of large files are not kept: read again (and missing now).
+        std::fs::remove_file(store.chunk_path(&big.digest)).unwrap();
+        let b = read_slices(&store, &[big], &mut comp, &free, &cache);
+        assert!(batch_bytes(b).unwrap_err().contains("cannot read"));
+        // Packed chunks beyond the cache's capacity push out the least recently used.
+        let chunk = |n: u16| n.to_le_bytes().repeat(32 << 10);
+        let others: Vec<ChunkRef> = (0..(CACHE_BYTES >> 16) as u16)
+            .map(|n| ChunkRef {
+                used: 2,
+                ..put(&chunk(n))
+            })
+            .collect();
+        for o in &others {
+            assert!(batch_bytes(read_slices(&store, &[*o], &mut comp, &free, &cache)).is_ok());
+        }
+        let b = read_slices(&store, &[second], &mut comp, &free, &cache);
+        assert!(batch_bytes(b).unwrap_err().contains("cannot read"));
+        let last = others[others.len() - 1];
+        std::fs::remove_file(store.chunk_path(&last.digest)).unwrap();
+        let b = read_slices(&store, &[last], &mut comp, &free, &cache);
+        assert_eq!(
+            batch_bytes(b).unwrap(),
+            [&chunk(others.len() as u16 - 1)[..2]]
+        );
     }
 
     #[test]
