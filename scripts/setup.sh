@@ -9,7 +9,7 @@ packages=(
     lxc lxcfs busybox-static uidmap bridge-utils debootstrap
     linux-image-amd64 qemu-system-x86 lvm2 thin-provisioning-tools quota
     ceph-mon ceph-osd ceph-common qemu-system-common qemu-block-extra uuid-runtime
-    tgt libiscsi-bin open-iscsi udev restic bc xfsprogs
+    tgt libiscsi-bin open-iscsi udev restic bc xfsprogs time
 )
 missing=()
 for p in "${packages[@]}"; do
