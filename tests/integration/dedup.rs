@@ -693,7 +693,7 @@ fn restore_streams_in_bounded_memory() {
             .unwrap()
             .success()
     );
-    let mut child = env
+    let child = env
         .cmd(&["export", &snap, &fifo.display().to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
