@@ -57,10 +57,11 @@ pub struct ChunkRef {
 /// restore must match the check its catalog recorded: damage (a flipped
 /// byte, a chunk file holding other data) goes unnoticed with a
 /// probability of 2^-64, for a tenth of the CPU of blake3. It is no
-/// cryptographic hash, but it guards nothing blake3 would: the catalog
-/// that records it is itself covered by the manifest's blake3, and whoever
-/// can replace chunk files can replace catalogs and manifests as well.
-/// `verify` re-hashes every chunk with blake3.
+/// cryptographic hash; against damage it is stronger than the 32-bit
+/// checksum of a `.tar.zst`, and against someone who can write to the
+/// store a cryptographic one would not help either: the catalogs and
+/// manifests are in the store as well, unsigned. `verify` re-hashes every
+/// chunk with blake3 and compares the checks the catalog records.
 #[must_use]
 pub fn check_of(data: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(data)
@@ -407,6 +408,10 @@ pub fn decode(b: &[u8]) -> Option<Member> {
         xattrs.push((c.bytes()?, c.bytes()?));
     }
     let flags = c.u8()?;
+    if flags & !0x0f != 0 {
+        // Written by a later version.
+        return None;
+    }
     let key = if flags & 1 != 0 {
         Some(StatKey {
             dev: c.u64()?,

@@ -508,7 +508,8 @@ const READ_AHEAD: usize = 4;
 /// holds less than 4 MiB of chunks before its last one, so with the batches
 /// in flight (4 handed on, one more waiting to be, one being read) chunk
 /// data stays below about 30 MiB with chunks of at most 1 MiB; the buffers
-/// kept for reuse add at most [`FREE_BYTES`], the reading threads one
+/// kept for reuse add at most [`FREE_BYTES`], the packed chunks kept for
+/// members further on at most [`CACHE_BYTES`], the reading threads one
 /// compressed chunk each.
 const BATCH_CHUNKS: usize = 256;
 const BATCH_BYTES: u64 = 1 << 22;
@@ -630,7 +631,8 @@ impl Collect {
 /// A thread reads the catalog and a pool (one thread per CPU) reads,
 /// decompresses and checks chunks ahead of the reader, in batches of up
 /// to 256 chunks or 4 MiB, up to 4 batches ahead (each thread reuses one
-/// decompression context).
+/// decompression context); packed chunks read lately are kept for the
+/// members further on that use them ([`ChunkCache`]).
 pub struct TarStream {
     rx: std::sync::mpsc::Receiver<Item>,
     /// The piece being read, from `pos`.
@@ -704,10 +706,14 @@ impl FreeBuffers {
 #[derive(Clone, Default)]
 struct ChunkCache(std::sync::Arc<std::sync::Mutex<CacheInner>>);
 
+/// A chunk's digest and the check it was read under.
+type CacheKey = ([u8; 32], u64);
+
 #[derive(Default)]
 struct CacheInner {
-    /// Least recently used first.
-    items: std::collections::VecDeque<([u8; 32], std::sync::Arc<Vec<u8>>)>,
+    /// Least recently used first, by digest and the check they were read
+    /// under (a reference recording another check reads the chunk itself).
+    items: std::collections::VecDeque<(CacheKey, std::sync::Arc<Vec<u8>>)>,
     bytes: usize,
 }
 
@@ -715,24 +721,24 @@ struct CacheInner {
 const CACHE_BYTES: usize = 16 << 20;
 
 impl ChunkCache {
-    fn get(&self, d: &[u8; 32]) -> Option<std::sync::Arc<Vec<u8>>> {
+    fn get(&self, key: CacheKey) -> Option<std::sync::Arc<Vec<u8>>> {
         let mut c = self.0.lock().ok()?;
-        let i = c.items.iter().rposition(|(k, _)| k == d)?;
+        let i = c.items.iter().rposition(|(k, _)| *k == key)?;
         let e = c.items.remove(i)?;
         let data = std::sync::Arc::clone(&e.1);
         c.items.push_back(e);
         Some(data)
     }
 
-    fn put(&self, d: [u8; 32], data: &std::sync::Arc<Vec<u8>>, free: &FreeBuffers) {
+    fn put(&self, key: CacheKey, data: &std::sync::Arc<Vec<u8>>, free: &FreeBuffers) {
         let Ok(mut c) = self.0.lock() else {
             return;
         };
-        if c.items.iter().any(|(k, _)| *k == d) {
+        if c.items.iter().any(|(k, _)| *k == key) {
             return;
         }
         c.bytes += data.capacity();
-        c.items.push_back((d, std::sync::Arc::clone(data)));
+        c.items.push_back((key, std::sync::Arc::clone(data)));
         while c.bytes > CACHE_BYTES {
             let Some((_, old)) = c.items.pop_front() else {
                 break;
@@ -773,7 +779,8 @@ fn read_slices(
         let d = refs[i].digest;
         let j = i + refs[i..].iter().take_while(|r| r.digest == d).count();
         let packed = j > i + 1 || !refs[i].is_whole();
-        if packed && let Some(data) = cache.get(&d) {
+        let key = (d, refs[i].check);
+        if packed && let Some(data) = cache.get(key) {
             out.extend(slices(&refs[i..j], &data));
             i = j;
             continue;
@@ -783,7 +790,7 @@ fn read_slices(
             Ok(()) if !packed => out.push(Ok(Piece::Owned(data))),
             Ok(()) => {
                 let data = std::sync::Arc::new(data);
-                cache.put(d, &data, free);
+                cache.put(key, &data, free);
                 out.extend(slices(&refs[i..j], &data));
             }
             Err(e) => {
@@ -1106,14 +1113,22 @@ fn remove_member(root: &Path, member: &[u8], written: (u64, i64)) -> Result<()> 
 }
 
 /// Write the snapshot as a `.tar.zst` archive (as vzdump writes it).
-/// `out` may be a pipe or a device (`/dev/stdout`): it is then written to,
-/// neither synced nor removed.
+/// `out` may be a pipe or a character device (`/dev/stdout`): it is then
+/// written to, but not synced.
 ///
 /// # Errors
-/// Damaged chunks (naming the file), write errors. A partial output file is removed.
+/// Damaged chunks (naming the file), write errors. A partial output is
+/// removed if it is a regular file named by `out` itself (links and what
+/// they point to are left).
 pub fn export(store: &Store, snap: &SnapshotRef, out: &Path, level: i32) -> Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
     let mut s = TarStream::open(store, snap, true)?;
-    let file = std::fs::metadata(out).map_or(true, |m| m.is_file());
+    let sync = std::fs::metadata(out)
+        .map(|m| m.file_type())
+        .map_or(true, |t| {
+            !(t.is_fifo() || t.is_socket() || t.is_char_device())
+        });
+    let remove = std::fs::symlink_metadata(out).map_or(true, |m| m.is_file());
     let res = (|| {
         let f = std::fs::File::create(out).map_err(|e| Error::io("create", out, e))?;
         let mut enc = zstd::stream::write::Encoder::new(f, level)
@@ -1122,12 +1137,12 @@ pub fn export(store: &Store, snap: &SnapshotRef, out: &Path, level: i32) -> Resu
         let _ = enc.multithread(u32::try_from(threads).unwrap_or(1));
         let n = io::copy(&mut s, &mut enc).map_err(|e| Error::io("export to", out, e))?;
         let f = enc.finish().map_err(|e| Error::io("write", out, e))?;
-        if file {
+        if sync {
             f.sync_all().map_err(|e| Error::io("fsync", out, e))?;
         }
         Ok(n)
     })();
-    if res.is_err() && file {
+    if res.is_err() && remove {
         let _ = std::fs::remove_file(out);
     }
     res
@@ -1273,6 +1288,10 @@ mod tests {
         std::fs::remove_file(store.chunk_path(&p.digest)).unwrap();
         let b = read_slices(&store, &[big, second], &mut comp, &free, &cache);
         assert_eq!(batch_bytes(b).unwrap(), [&[7; 3000][..], &pack[13..]]);
+        // Not for a reference recording another check: it reads the chunk itself.
+        let other = second.with_check(second.check ^ 1);
+        let b = read_slices(&store, &[other], &mut comp, &free, &cache);
+        assert!(batch_bytes(b).unwrap_err().contains("cannot read"));
         // Whole chunks of large files are not kept: read again (and missing now).
         std::fs::remove_file(store.chunk_path(&big.digest)).unwrap();
         let b = read_slices(&store, &[big], &mut comp, &free, &cache);

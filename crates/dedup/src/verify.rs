@@ -1,6 +1,6 @@
 //! Verification: re-hash every chunk a snapshot references.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
 use crate::snapshot::{self, SnapshotRef, VerifyState};
@@ -42,18 +42,46 @@ impl VerifyReport {
     }
 }
 
+/// Check mismatches listed one by one.
+const SHOWN: usize = 10;
+
+/// Count a reference whose recorded check differs from `check`, the check
+/// of its chunk's data; the first [`SHOWN`] become bad parts.
+fn mismatch(
+    r: &mut VerifyReport,
+    mismatched: &mut usize,
+    c: &crate::catalog::ChunkRef,
+    check: u64,
+    m: &crate::catalog::Member,
+) {
+    if c.check == 0 || c.check == check {
+        return;
+    }
+    *mismatched += 1;
+    if *mismatched <= SHOWN {
+        r.bad_parts.push(format!(
+            "catalog: the check of chunk {} for '{}' does not match its data",
+            hex(&c.digest),
+            m.name_lossy()
+        ));
+    }
+}
+
 /// Verify one snapshot: the manifest's part hashes, then every chunk
-/// (decompress, blake3, compare with its name). Damaged chunks are renamed
-/// to `<digest>.bad`, so that the next backup writes them again; the
-/// result is recorded in the snapshot's `verify-state`. `good` carries
-/// chunks already found intact (verifying several snapshots).
+/// (decompress, blake3, compare with its name) and the check each
+/// reference records for it (see [`crate::catalog::check_of`]; a mismatch
+/// is a bad part: the chunk is intact, the catalog is not). Damaged chunks
+/// are renamed to `<digest>.bad`, so that the next backup writes them
+/// again; the result is recorded in the snapshot's `verify-state`. `good`
+/// carries chunks already found intact, with their checks (verifying
+/// several snapshots).
 ///
 /// # Errors
 /// Missing snapshot, I/O errors on the store (damage is reported, not an error).
 pub fn verify(
     store: &Store,
     snap: &SnapshotRef,
-    good: &mut HashSet<[u8; 32]>,
+    good: &mut HashMap<[u8; 32], u64>,
 ) -> Result<VerifyReport> {
     let mut r = VerifyReport {
         snapshot: Some(*snap),
@@ -65,6 +93,7 @@ pub fn verify(
         Err(e @ Error::Corrupt { .. }) => r.bad_parts.push(e.to_string()),
         Err(e) => return Err(e),
     }
+    let mut mismatched = 0;
     if r.bad_parts.is_empty() {
         for m in snapshot::catalog(store, snap)? {
             let m = match m {
@@ -76,7 +105,8 @@ pub fn verify(
             };
             for c in &m.chunks {
                 r.chunks += 1;
-                if good.contains(&c.digest) {
+                if let Some(&check) = good.get(&c.digest) {
+                    mismatch(&mut r, &mut mismatched, c, check, &m);
                     continue;
                 }
                 if let Some(b) = bad.get_mut(&c.digest) {
@@ -88,13 +118,15 @@ pub fn verify(
                 }
                 r.chunks_checked += 1;
                 match store.read_chunk(&c.digest, c.len) {
-                    Ok(_) => {
+                    Ok(data) => {
                         r.bytes += u64::from(c.len);
+                        let check = crate::catalog::check_of(&data);
+                        mismatch(&mut r, &mut mismatched, c, check, &m);
                         // Bounded memory: forgetting only costs checking again.
                         if good.len() >= crate::MEMO_MAX {
                             good.clear();
                         }
-                        good.insert(c.digest);
+                        good.insert(c.digest, check);
                     }
                     Err(e) => {
                         bad.insert(
@@ -112,6 +144,12 @@ pub fn verify(
                 }
             }
         }
+    }
+    if mismatched > SHOWN {
+        r.bad_parts.push(format!(
+            "catalog: {} more chunk references whose check does not match",
+            mismatched - SHOWN
+        ));
     }
     // Recorded before the chunks are moved away: a backup reusing a chunk
     // of its base unseen checks these first (see `crate::gc`).
@@ -131,4 +169,68 @@ pub fn verify(
     };
     snapshot::write_verify_state(store, snap, &state)?;
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::{Backup, BackupOptions};
+    use crate::catalog::CatalogWriter;
+    use crate::snapshot::{CATALOG, MANIFEST};
+    use vzkit_archive::ExcludeSet;
+
+    #[test]
+    fn a_recorded_check_that_does_not_match_its_chunk_fails_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(src.join("a"), &data).unwrap();
+        std::fs::write(src.join("b"), b"small").unwrap();
+        std::fs::create_dir(dir.path().join("store")).unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let mut b = Backup::start(&store, BackupOptions::new(100)).unwrap();
+        b.add_tree(&src, "./", &ExcludeSet::new(), true).unwrap();
+        let snap = b.finish().unwrap().snapshot;
+        let mut good = HashMap::new();
+        assert!(verify(&store, &snap, &mut good).unwrap().ok());
+
+        // The catalog records another check for a's chunk (and the manifest the new
+        // catalog): the chunk is intact, the catalog is not.
+        let sdir = snap.path(&store);
+        let members: Vec<_> = snapshot::catalog(&store, &snap)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut w = CatalogWriter::create(&sdir.join(CATALOG)).unwrap();
+        for mut m in members {
+            if m.name == b"./a" {
+                m.chunks[0].check ^= 1;
+            }
+            w.push(&m).unwrap();
+        }
+        w.finish().unwrap();
+        let cat = std::fs::read(sdir.join(CATALOG)).unwrap();
+        let mp = sdir.join(MANIFEST);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+        for f in v["files"].as_array_mut().unwrap() {
+            if f["filename"] == CATALOG {
+                f["size"] = cat.len().into();
+                f["blake3"] = blake3::hash(&cat).to_hex().to_string().into();
+            }
+        }
+        std::fs::write(&mp, serde_json::to_vec(&v).unwrap()).unwrap();
+        // Found both with the chunk read and with it remembered as intact.
+        for mut good in [HashMap::new(), good] {
+            let r = verify(&store, &snap, &mut good).unwrap();
+            assert!(r.bad_chunks.is_empty(), "{:?}", r.bad_chunks);
+            assert_eq!(r.bad_parts.len(), 1, "{:?}", r.bad_parts);
+            assert!(
+                r.bad_parts[0].contains("for './a' does not match its data"),
+                "{:?}",
+                r.bad_parts
+            );
+        }
+    }
 }

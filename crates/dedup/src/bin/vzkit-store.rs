@@ -7,7 +7,7 @@
 //! are also accepted as `ct/<vmid>/<RFC 3339 UTC time>`. Exit status: 0 on
 //! success, 1 on errors, 2 when verify or restore found damaged data.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -305,7 +305,8 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Export { snapshot: s, file } => {
             let n = snapshot::export(&store, &snap(&s)?, &file, 3)?;
-            println!("exported {n} bytes of tar to '{}'", file.display());
+            // Not on stdout: the archive may be going there.
+            eprintln!("exported {n} bytes of tar to '{}'", file.display());
         }
         Cmd::Verify { snapshot: s } => {
             let list = match s {
@@ -315,7 +316,7 @@ fn run(cli: Cli) -> Result<u8> {
                     .map(|s| s.snapshot)
                     .collect(),
             };
-            let mut good = HashSet::new();
+            let mut good = HashMap::new();
             let mut failed = 0;
             for s in list {
                 let r = verify::verify(&store, &s, &mut good)?;
