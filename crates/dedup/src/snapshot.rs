@@ -632,7 +632,7 @@ impl Collect {
 /// decompresses and checks chunks ahead of the reader, in batches of up
 /// to 256 chunks or 4 MiB, up to 4 batches ahead (each thread reuses one
 /// decompression context); packed chunks read lately are kept for the
-/// members further on that use them ([`ChunkCache`]).
+/// members further on that use them.
 pub struct TarStream {
     rx: std::sync::mpsc::Receiver<Item>,
     /// The piece being read, from `pos`.
