@@ -202,15 +202,15 @@
 //!
 //! `scripts/bench-dedup.sh` (1.23 GB container tree, 31,086 files, 10
 //! versions; 2 cores; two runs in README.md, on a journaled ext4 backup
-//! file system): first backup 3.29–4.13 s against vzdump tar.zst
-//! 3.56–5.16 s (medians of six); unchanged re-backup 3.3% of the first
-//! (3.6–3.9% when the image changed: inode-guided); 1% change 8.2–10.0%
+//! file system): first backup 2.91–2.96 s against vzdump tar.zst
+//! 3.63–3.78 s (medians of six); unchanged re-backup 2.0–3.0% of the first
+//! (3.0–3.3% when the image changed: inode-guided); 1% change 6.1–7.4%
 //! (changed files are re-read whole, 170 MB, but their unchanged chunks
-//! are hashed, not cut); 589 MB after 10 versions (restic 605–615 MB);
-//! restore 1.14–1.28× the tar.zst's (medians of five). Not met: the
-//! restore, whose chunk stream (zstd on separate chunks, a blake3 check of
-//! every chunk, a file per chunk) needs more CPU than decoding one zstd
-//! stream.
+//! are hashed, not cut); 590–591 MB after 10 versions (restic 610–617 MB);
+//! restore of the tenth version 1.60–1.67 s against 1.89–2.02 s from the
+//! tar.zst (medians of five). The restore's chunk stream needs about the
+//! CPU of decoding the tar.zst (batches of 4 MiB, the catalog's xxh3 checks,
+//! packed chunks kept for the members further on) and runs on every core.
 
 /// How many chunk digests a backup, a verification or a collection
 /// remembers to skip repeated work (touching, checking) on chunks it has
