@@ -132,6 +132,10 @@ pub struct Manifest {
     /// in snapshots of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunking: Option<String>,
+    /// The last verification (written by `verify`, which rewrites the
+    /// manifest; not covered by anything the manifest lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_state: Option<VerifyState>,
 }
 
 /// A source tree of a snapshot, as the next backup compares it to reuse
@@ -166,7 +170,9 @@ pub fn id_map_name(m: Option<&vzkit_archive::IdMap>) -> String {
     }
 }
 
-/// `verify-state`.
+/// The last verification of a snapshot: `verify-state` in its manifest
+/// (in a file of that name beside it in snapshots verified by older
+/// versions).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VerifyState {
     /// `ok` or `failed`.
@@ -214,6 +220,7 @@ pub(crate) fn write_manifest(
         id_map: Some(id_map),
         trees,
         chunking: Some(chunking),
+        verify_state: None,
     };
     let p = dir.join(MANIFEST);
     let text = serde_json::to_vec_pretty(&m).unwrap_or_default();
@@ -423,13 +430,57 @@ pub fn set_protected(store: &Store, snap: &SnapshotRef, on: bool) -> Result<()> 
 /// The last verification of a snapshot.
 #[must_use]
 pub fn verify_state(store: &Store, snap: &SnapshotRef) -> Option<VerifyState> {
+    if let Some(v) = manifest(store, snap).ok().and_then(|m| m.verify_state) {
+        return Some(v);
+    }
     let b = std::fs::read(snap.path(store).join(VERIFY_STATE)).ok()?;
     serde_json::from_slice(&b).ok()
 }
 
+/// Record `v` in the snapshot's manifest: the manifest is rewritten (every
+/// other field as it was) to a file of its own, synced and renamed over the
+/// old one, so that readers and a crash see either manifest, never a
+/// partial one. A `verify-state` file of an older version goes.
 pub(crate) fn write_verify_state(store: &Store, snap: &SnapshotRef, v: &VerifyState) -> Result<()> {
-    let p = snap.path(store).join(VERIFY_STATE);
-    write_atomic(&p, &serde_json::to_vec_pretty(v).unwrap_or_default())
+    use std::io::Write as _;
+    let dir = require(store, snap)?;
+    let p = dir.join(MANIFEST);
+    let b = std::fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
+    let mut m: serde_json::Value = serde_json::from_slice(&b).map_err(|e| Error::Corrupt {
+        what: "manifest",
+        path: p.clone(),
+        message: e.to_string(),
+    })?;
+    let Some(obj) = m.as_object_mut() else {
+        return Err(Error::Corrupt {
+            what: "manifest",
+            path: p,
+            message: "not a JSON object".into(),
+        });
+    };
+    obj.insert(
+        "verify-state".into(),
+        serde_json::to_value(v).unwrap_or_default(),
+    );
+    let text = serde_json::to_vec_pretty(&m).unwrap_or_default();
+    let tmp = dir.join(format!(".{MANIFEST}.{}.tmp", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        f.write_all(&text)
+            .map_err(|e| Error::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+        std::fs::rename(&tmp, &p).map_err(|e| Error::io("rename", &p, e))
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res?;
+    let old = dir.join(VERIFY_STATE);
+    match std::fs::remove_file(&old) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", old, e)),
+    }
 }
 
 /// Remove a snapshot (not if protected). Its chunks go with the next

@@ -72,9 +72,9 @@ fn mismatch(
 /// reference records for it (see [`crate::catalog::check_of`]; a mismatch
 /// is a bad part: the chunk is intact, the catalog is not). Damaged chunks
 /// are renamed to `<digest>.bad`, so that the next backup writes them
-/// again; the result is recorded in the snapshot's `verify-state`. `good`
-/// carries chunks already found intact, with their checks (verifying
-/// several snapshots).
+/// again; the result is recorded as `verify-state` in the snapshot's
+/// manifest. `good` carries chunks already found intact, with their checks
+/// (verifying several snapshots).
 ///
 /// # Errors
 /// Missing snapshot, I/O errors on the store (damage is reported, not an error).
@@ -194,10 +194,15 @@ mod tests {
         let snap = b.finish().unwrap().snapshot;
         let mut good = HashMap::new();
         assert!(verify(&store, &snap, &mut good).unwrap().ok());
+        // The state is recorded in the manifest, which still checks.
+        let sdir = snap.path(&store);
+        let text = std::fs::read_to_string(sdir.join(MANIFEST)).unwrap();
+        assert!(text.contains("\"verify-state\""), "{text}");
+        assert_eq!(snapshot::verify_state(&store, &snap).unwrap().state, "ok");
+        snapshot::check_manifest(&store, &snap).unwrap();
 
         // The catalog records another check for a's chunk (and the manifest the new
         // catalog): the chunk is intact, the catalog is not.
-        let sdir = snap.path(&store);
         let members: Vec<_> = snapshot::catalog(&store, &snap)
             .unwrap()
             .map(Result::unwrap)
@@ -231,6 +236,26 @@ mod tests {
                 "{:?}",
                 r.bad_parts
             );
+            assert_eq!(
+                snapshot::verify_state(&store, &snap).unwrap().state,
+                "failed"
+            );
         }
+
+        // Verified by an older version: the state in a file beside the manifest, read
+        // until the next verification records it in the manifest.
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("verify-state");
+        std::fs::write(&mp, serde_json::to_vec(&v).unwrap()).unwrap();
+        let old = sdir.join(snapshot::VERIFY_STATE);
+        std::fs::write(&old, r#"{"state":"ok","time":5,"bad-chunks":[]}"#).unwrap();
+        assert_eq!(snapshot::verify_state(&store, &snap).unwrap().time, 5);
+        verify(&store, &snap, &mut HashMap::new()).unwrap();
+        assert!(!old.exists());
+        assert_eq!(
+            snapshot::verify_state(&store, &snap).unwrap().state,
+            "failed"
+        );
     }
 }
