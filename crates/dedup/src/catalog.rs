@@ -18,7 +18,7 @@
 //! flag 4 also `u32 offset`, `u32 used`, with flag 8 also `u64 check`)
 //! chunks. `bytes` is `u32 length` + data, `opt` is `u8 0|1` + value.
 //! Catalogs written before checks existed lack flag 8 and read with checks
-//! of 0.
+//! of 0; a record with other flags (written by a later version) is refused.
 //!
 //! A member's data is the concatenation of its chunk references' slices:
 //! bytes `offset..offset + used` of each chunk. Large files own their
@@ -713,6 +713,12 @@ mod tests {
         let e = encode(&c);
         assert_eq!(e.len(), encode(&p).len() + 16);
         assert_eq!(decode(&e), Some(c.clone()));
+        // Flags of a later version are refused.
+        let mut later = encode(&c);
+        let flags_at = later.len() - 4 - 2 * (44 + 8) - 52 - 1;
+        assert_eq!(later[flags_at], 1 | 2 | 4 | 8);
+        later[flags_at] |= 16;
+        assert_eq!(decode(&later), None);
         // Without checks the record is as older versions wrote it (sizes
         // above), and reads with checks of 0.
         assert!(

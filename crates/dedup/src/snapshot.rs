@@ -132,10 +132,9 @@ pub struct Manifest {
     /// in snapshots of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunking: Option<String>,
-    /// The last verification (written by `verify`, which rewrites the
-    /// manifest; not covered by anything the manifest lists).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verify_state: Option<VerifyState>,
+    // The last verification, `verify-state`, is read on its own (see
+    // [`verify_state`]): a value this version cannot read must not make the
+    // manifest unreadable.
 }
 
 /// A source tree of a snapshot, as the next backup compares it to reuse
@@ -220,7 +219,6 @@ pub(crate) fn write_manifest(
         id_map: Some(id_map),
         trees,
         chunking: Some(chunking),
-        verify_state: None,
     };
     let p = dir.join(MANIFEST);
     let text = serde_json::to_vec_pretty(&m).unwrap_or_default();
@@ -427,45 +425,58 @@ pub fn set_protected(store: &Store, snap: &SnapshotRef, on: bool) -> Result<()> 
     }
 }
 
-/// The last verification of a snapshot.
+/// The last verification of a snapshot: `verify-state` in its manifest,
+/// or in a file of that name beside it (older versions, or a manifest that
+/// could not be rewritten); the later of the two.
 #[must_use]
 pub fn verify_state(store: &Store, snap: &SnapshotRef) -> Option<VerifyState> {
-    if let Some(v) = manifest(store, snap).ok().and_then(|m| m.verify_state) {
-        return Some(v);
+    let dir = snap.path(store);
+    let in_manifest: Option<VerifyState> = std::fs::read(dir.join(MANIFEST))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|mut m| serde_json::from_value(m.get_mut("verify-state")?.take()).ok());
+    let in_file = std::fs::read(dir.join(VERIFY_STATE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<VerifyState>(&b).ok());
+    match (in_manifest, in_file) {
+        (Some(m), Some(f)) => Some(if f.time > m.time { f } else { m }),
+        (m, f) => m.or(f),
     }
-    let b = std::fs::read(snap.path(store).join(VERIFY_STATE)).ok()?;
-    serde_json::from_slice(&b).ok()
 }
 
+/// Names of temporary manifests, unique within the process.
+static MANIFEST_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Record `v` in the snapshot's manifest: the manifest is rewritten (every
-/// other field as it was) to a file of its own, synced and renamed over the
-/// old one, so that readers and a crash see either manifest, never a
-/// partial one. A `verify-state` file of an older version goes.
+/// other field as it was) to a new file, synced and renamed over the old
+/// one, so that readers and a crash see either manifest, never a partial
+/// one; a `verify-state` file of an older version goes. A manifest that is
+/// not a JSON object (verify reports it damaged) is left alone and the
+/// state written to a `verify-state` file beside it.
 pub(crate) fn write_verify_state(store: &Store, snap: &SnapshotRef, v: &VerifyState) -> Result<()> {
     use std::io::Write as _;
     let dir = require(store, snap)?;
     let p = dir.join(MANIFEST);
+    let old = dir.join(VERIFY_STATE);
     let b = std::fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
-    let mut m: serde_json::Value = serde_json::from_slice(&b).map_err(|e| Error::Corrupt {
-        what: "manifest",
-        path: p.clone(),
-        message: e.to_string(),
-    })?;
-    let Some(obj) = m.as_object_mut() else {
-        return Err(Error::Corrupt {
-            what: "manifest",
-            path: p,
-            message: "not a JSON object".into(),
-        });
+    let mut m = match serde_json::from_slice::<serde_json::Value>(&b) {
+        Ok(m) if m.is_object() => m,
+        _ => return write_atomic(&old, &serde_json::to_vec_pretty(v).unwrap_or_default()),
     };
-    obj.insert(
-        "verify-state".into(),
-        serde_json::to_value(v).unwrap_or_default(),
-    );
+    if let Some(obj) = m.as_object_mut() {
+        obj.insert(
+            "verify-state".into(),
+            serde_json::to_value(v).unwrap_or_default(),
+        );
+    }
     let text = serde_json::to_vec_pretty(&m).unwrap_or_default();
-    let tmp = dir.join(format!(".{MANIFEST}.{}.tmp", std::process::id()));
+    let tmp = dir.join(format!(
+        ".{MANIFEST}.{}-{}.tmp",
+        std::process::id(),
+        MANIFEST_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let res = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        let mut f = std::fs::File::create_new(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         f.write_all(&text)
             .map_err(|e| Error::io("write", &tmp, e))?;
         f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
@@ -475,7 +486,6 @@ pub(crate) fn write_verify_state(store: &Store, snap: &SnapshotRef, v: &VerifySt
         let _ = std::fs::remove_file(&tmp);
     }
     res?;
-    let old = dir.join(VERIFY_STATE);
     match std::fs::remove_file(&old) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -1179,9 +1189,12 @@ pub fn export(store: &Store, snap: &SnapshotRef, out: &Path, level: i32) -> Resu
         .map_or(true, |t| {
             !(t.is_fifo() || t.is_socket() || t.is_char_device())
         });
-    let remove = std::fs::symlink_metadata(out).map_or(true, |m| m.is_file());
+    let regular = std::fs::symlink_metadata(out).map_or(true, |m| m.is_file());
+    // Only once it is opened (truncated) by this export.
+    let mut remove = false;
     let res = (|| {
         let f = std::fs::File::create(out).map_err(|e| Error::io("create", out, e))?;
+        remove = regular;
         let mut enc = zstd::stream::write::Encoder::new(f, level)
             .map_err(|e| Error::io("compress", out, e))?;
         let threads = std::thread::available_parallelism().map_or(1, usize::from);

@@ -257,5 +257,20 @@ mod tests {
             snapshot::verify_state(&store, &snap).unwrap().state,
             "failed"
         );
+
+        // A damaged manifest is reported, left as it is, and the state goes beside it.
+        std::fs::write(&mp, b"{ damaged").unwrap();
+        let r = verify(&store, &snap, &mut HashMap::new()).unwrap();
+        assert!(
+            r.bad_parts[0].contains("corrupt manifest"),
+            "{:?}",
+            r.bad_parts
+        );
+        assert_eq!(std::fs::read(&mp).unwrap(), b"{ damaged");
+        assert!(old.exists());
+        assert_eq!(
+            snapshot::verify_state(&store, &snap).unwrap().state,
+            "failed"
+        );
     }
 }
