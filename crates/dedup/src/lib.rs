@@ -201,16 +201,17 @@
 //! # Performance
 //!
 //! `scripts/bench-dedup.sh` (1.23 GB container tree, 31,086 files, 10
-//! versions; 2 cores; two runs in README.md, on a journaled ext4 backup
-//! file system): first backup 2.91–2.96 s against vzdump tar.zst
-//! 3.63–3.78 s (medians of six); unchanged re-backup 2.0–3.0% of the first
-//! (3.0–3.3% when the image changed: inode-guided); 1% change 6.1–7.4%
+//! versions; 2 cores; three runs in README.md, on a journaled ext4 backup
+//! file system): first backup 2.76–2.96 s against vzdump tar.zst
+//! 2.96–3.78 s (medians of six); unchanged re-backup 2.0–3.0% of the first
+//! (2.8–3.3% when the image changed: inode-guided); 1% change 6.1–7.9%
 //! (changed files are re-read whole, 170 MB, but their unchanged chunks
 //! are hashed, not cut); 590–591 MB after 10 versions (restic 610–617 MB);
-//! restore of the tenth version 1.60–1.67 s against 1.89–2.02 s from the
+//! restore of the tenth version 1.60–1.74 s against 1.74–2.02 s from the
 //! tar.zst (medians of five). The restore's chunk stream needs about the
 //! CPU of decoding the tar.zst (batches of 4 MiB, the catalog's xxh3 checks,
-//! packed chunks kept for the members further on) and runs on every core.
+//! packed chunks kept for the members further on) and runs on every core;
+//! both restores are bound by the extracting thread.
 
 /// How many chunk digests a backup, a verification or a collection
 /// remembers to skip repeated work (touching, checking) on chunks it has
