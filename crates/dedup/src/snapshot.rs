@@ -367,10 +367,42 @@ fn require(store: &Store, snap: &SnapshotRef) -> Result<PathBuf> {
     Ok(d)
 }
 
+/// Names of temporary files, unique within the process.
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Replace `p` with `data`: written to a new file beside it, synced and
+/// renamed over it, so that readers and a crash see the old or the new
+/// content, never a part.
 fn write_atomic(p: &Path, data: &[u8]) -> Result<()> {
-    let tmp = p.with_extension("tmp");
-    std::fs::write(&tmp, data).map_err(|e| Error::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, p).map_err(|e| Error::io("rename", p, e))
+    use std::io::Write as _;
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = p.with_file_name(format!(
+        ".{name}.{}-{}.tmp",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let res = (|| {
+        let mut f = std::fs::File::create_new(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        f.write_all(data).map_err(|e| Error::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+        std::fs::rename(&tmp, p).map_err(|e| Error::io("rename", p, e))
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Remove `p` if it exists.
+fn remove_if_exists(p: PathBuf) -> Result<()> {
+    match std::fs::remove_file(&p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", p, e)),
+    }
 }
 
 /// The notes of a snapshot (empty if none).
@@ -393,11 +425,7 @@ pub fn notes(store: &Store, snap: &SnapshotRef) -> Result<String> {
 pub fn set_notes(store: &Store, snap: &SnapshotRef, text: &str) -> Result<()> {
     let p = require(store, snap)?.join(NOTES);
     if text.is_empty() {
-        return match std::fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove", p, e)),
-        };
+        return remove_if_exists(p);
     }
     write_atomic(&p, text.as_bytes())
 }
@@ -417,11 +445,7 @@ pub fn set_protected(store: &Store, snap: &SnapshotRef, on: bool) -> Result<()> 
     if on {
         std::fs::write(&p, b"").map_err(|e| Error::io("write", &p, e))
     } else {
-        match std::fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove", p, e)),
-        }
+        remove_if_exists(p)
     }
 }
 
@@ -444,52 +468,24 @@ pub fn verify_state(store: &Store, snap: &SnapshotRef) -> Option<VerifyState> {
     }
 }
 
-/// Names of temporary manifests, unique within the process.
-static MANIFEST_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Record `v` in the snapshot's manifest: the manifest is rewritten (every
-/// other field as it was) to a new file, synced and renamed over the old
-/// one, so that readers and a crash see either manifest, never a partial
-/// one; a `verify-state` file of an older version goes. A manifest that is
-/// not a JSON object (verify reports it damaged) is left alone and the
-/// state written to a `verify-state` file beside it.
+/// Record `v` in the snapshot's manifest, every other field as it was
+/// ([`write_atomic`]); a `verify-state` file of an older version goes. A
+/// manifest that is not a JSON object (verify reports it damaged) is left
+/// alone and the state written to a `verify-state` file beside it.
 pub(crate) fn write_verify_state(store: &Store, snap: &SnapshotRef, v: &VerifyState) -> Result<()> {
-    use std::io::Write as _;
     let dir = require(store, snap)?;
     let p = dir.join(MANIFEST);
     let old = dir.join(VERIFY_STATE);
     let b = std::fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
-    let mut m = match serde_json::from_slice::<serde_json::Value>(&b) {
-        Ok(m) if m.is_object() => m,
-        _ => return write_atomic(&old, &serde_json::to_vec_pretty(v).unwrap_or_default()),
-    };
-    if let Some(obj) = m.as_object_mut() {
-        obj.insert(
-            "verify-state".into(),
-            serde_json::to_value(v).unwrap_or_default(),
-        );
-    }
-    let text = serde_json::to_vec_pretty(&m).unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{MANIFEST}.{}-{}.tmp",
-        std::process::id(),
-        MANIFEST_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let res = (|| {
-        let mut f = std::fs::File::create_new(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        f.write_all(&text)
-            .map_err(|e| Error::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| Error::io("rename", &p, e))
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res?;
-    match std::fs::remove_file(&old) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", old, e)),
+    let state = serde_json::to_value(v).unwrap_or_default();
+    match serde_json::from_slice::<serde_json::Value>(&b) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.insert("verify-state".into(), state);
+            let text = serde_json::to_vec_pretty(&m).unwrap_or_default();
+            write_atomic(&p, &text)?;
+            remove_if_exists(old)
+        }
+        _ => write_atomic(&old, &serde_json::to_vec_pretty(&state).unwrap_or_default()),
     }
 }
 
